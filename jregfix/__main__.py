@@ -1,0 +1,5 @@
+import sys
+
+from jregfix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Body models behind one interface (SMPL via smplx, Anny) and rotation conversions."""

@@ -1,0 +1,68 @@
+"""The interface every body model implements, and chunked batch evaluation over it."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from jregfix.body.rotations import pose_to_rotmat
+
+
+@runtime_checkable
+class BodyModel(Protocol):
+    """A skinned mesh: rotations + shape vector -> vertices (metres, model frame, no translation).
+
+    Attributes: ``name``; ``num_vertices`` V; ``num_joints`` J rotations per pose (24 for SMPL,
+    global orientation first); ``num_betas`` S; ``faces`` (F, 3) int64; ``template`` (V, 3) rest
+    vertices at zero shape.
+    """
+
+    name: str
+    num_vertices: int
+    num_joints: int
+    num_betas: int
+    faces: torch.Tensor
+    template: torch.Tensor
+
+    def vertices(self, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+        """rotmat (N, J, 3, 3), betas (N, S) -> vertices (N, V, 3). Differentiable."""
+        ...
+
+
+def batch_vertices(
+    model: BodyModel,
+    pose: torch.Tensor,
+    betas: torch.Tensor,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+    out_device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Vertices for many frames in memory-bounded chunks.
+
+    pose: any layout accepted by :func:`pose_to_rotmat` (N, ...); betas (N, S') with S' <= S
+    (missing shape coefficients are zero). Returns (N, V, 3) on ``out_device``.
+    """
+    device = torch.device(device) if device is not None else model.template.device
+    dtype = model.template.dtype
+    n = pose.shape[0]
+    if betas.shape[0] != n:
+        raise ValueError(f"pose has {n} rows but betas has {betas.shape[0]}")
+    out = torch.empty((n, model.num_vertices, 3), dtype=dtype, device=out_device)
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            rot = pose_to_rotmat(pose[start:stop].to(device, dtype), model.num_joints)
+            out[start:stop] = model.vertices(rot, fit_betas(betas[start:stop].to(device, dtype),
+                                                            model.num_betas)).to(out_device)
+    return out
+
+
+def fit_betas(betas: torch.Tensor, num_betas: int) -> torch.Tensor:
+    """Pad with zeros or refuse: (N, S') -> (N, num_betas)."""
+    s = betas.shape[-1]
+    if s == num_betas:
+        return betas
+    if s < num_betas:
+        return torch.nn.functional.pad(betas, (0, num_betas - s))
+    raise ValueError(f"betas have {s} coefficients but the body model has {num_betas}")

@@ -1,0 +1,83 @@
+"""The typer application object and the error boundary shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from jregfix.errors import JregfixError
+
+app = typer.Typer(
+    name="jregfix",
+    help="Honest 3D human pose numbers: refine SMPL fits on Human3.6M and re-fit the joint "
+    "regressor (Hedlin, Rhodin & Yi, CRV 2022).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one red line and exit code 1 for user errors (``--debug`` re-raises)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except JregfixError as exc:
+        if _state["debug"] or "--debug" in (argv or sys.argv):
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except (typer.Exit, SystemExit) as exc:
+        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
+    except typer.Abort:
+        console.print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields ``advance(n)`` for library callbacks."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def parse_named_paths(values: list[str], option: str) -> dict[str, str]:
+    """['std=J.npy', 'opt=J2.npy'] -> {'std': 'J.npy', 'opt': 'J2.npy'} (a bare path is named
+    after its file stem)."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            from pathlib import Path
+
+            name, path = Path(value).stem, value
+        if not name or not path:
+            raise JregfixError(f"{option} expects NAME=PATH, got {value!r}")
+        if name in out:
+            raise JregfixError(f"{option}: the name {name!r} is given twice")
+        out[name] = path
+    return out

@@ -1,0 +1,157 @@
+"""SPIN-format Human3.6M npz files (conventions.md §4.2) and the standard protocols.
+
+An npz holds ``imgname`` (N,) like ``images/S9_Directions_1.60457274_000001.jpg``, ``center``
+(N,2) original pixels, ``scale`` (N,) box side / 200, ``S`` (N,24,4) pelvis-relative metres +
+confidence in SPIN's J24 order, and optionally ``part`` (N,24,3) and ``openpose`` (N,25,3).
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jregfix.errors import JregfixError
+
+TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
+TEST_SUBJECTS = ("S9", "S11")
+CAMERAS = ("54138969", "55011271", "58860488", "60457274")
+P2_CAMERA = "60457274"
+
+# SPIN's J24 GT order -> H36M-17 regressor row order (conventions.md §3.4-3.5, §4.2):
+# regressor row r is J24 joint H36M17_FROM_J24[r].
+H36M17_FROM_J24 = (14, 3, 4, 5, 2, 1, 0, 16, 12, 17, 18, 9, 10, 11, 8, 7, 6)
+H36M17_NAMES = (
+    "Pelvis", "L Hip", "L Knee", "L Ankle", "R Hip", "R Knee", "R Ankle", "Spine", "Thorax",
+    "Neck/Nose", "Head top", "L Shoulder", "L Elbow", "L Wrist", "R Shoulder", "R Elbow", "R Wrist",
+)
+H36M_TO_J17 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10, 0, 7, 9)
+H36M_TO_J14 = H36M_TO_J17[:14]
+J24_TO_J17 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 14, 16, 17)
+J24_TO_J14 = J24_TO_J17[:14]
+
+_IMGNAME = re.compile(r"(S\d+)_(.+)\.(\d+)_(\d+)\.\w+$")
+
+
+@dataclass(frozen=True)
+class FrameKey:
+    subject: str
+    action: str
+    camera: str
+    frame: int  # 1-based, as in the image name
+
+
+def parse_imgname(name: str) -> FrameKey:
+    """``images/S9_Directions_1.60457274_000001.jpg`` -> FrameKey('S9', 'Directions_1', ...)."""
+    m = _IMGNAME.search(str(name).replace("\\", "/").rsplit("/", 1)[-1])
+    if m is None:
+        raise JregfixError(
+            f"image name {name!r} is not of the Human3.6M form "
+            "'images/<subject>_<action>.<camera>_<frame>.jpg'"
+        )
+    return FrameKey(m.group(1), m.group(2), m.group(3), int(m.group(4)))
+
+
+def action_family(action: str) -> str:
+    """'Directions_1' / 'Sitting Down 2' -> 'Directions' / 'SittingDown' (per-action tables)."""
+    base = re.sub(r"[ _]?\d+$", "", action)
+    return base.replace(" ", "").replace("_", "")
+
+
+@dataclass
+class H36MData:
+    """Rows of a SPIN-format Human3.6M file (all arrays share the first dimension N)."""
+
+    imgname: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    S: np.ndarray | None = None
+    part: np.ndarray | None = None
+    openpose: np.ndarray | None = None
+    path: str = ""
+    keys: list[FrameKey] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.imgname)
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return np.array([k.subject for k in self.keys])
+
+    @property
+    def cameras(self) -> np.ndarray:
+        return np.array([k.camera for k in self.keys])
+
+    @property
+    def actions(self) -> np.ndarray:
+        return np.array([action_family(k.action) for k in self.keys])
+
+    def joints17(self) -> np.ndarray:
+        """(N,17,3) GT joints in the regressor's row order, pelvis-relative metres."""
+        if self.S is None:
+            raise JregfixError(f"{self.path}: no 3D ground truth ('S') in this file")
+        return self.S[:, list(H36M17_FROM_J24), :3]
+
+    def select(self, mask: np.ndarray) -> H36MData:
+        idx = np.flatnonzero(mask)
+        def pick(a):
+            return None if a is None else a[idx]
+
+        return H36MData(self.imgname[idx], self.center[idx], self.scale[idx], pick(self.S),
+                        pick(self.part), pick(self.openpose), self.path,
+                        [self.keys[i] for i in idx])
+
+
+def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
+    """Read and validate a SPIN-format Human3.6M npz (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JregfixError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
+    required = ["imgname", "center", "scale"] + (["S"] if require_3d else [])
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise JregfixError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}")
+    n = len(arrays["imgname"])
+    if n == 0:
+        raise JregfixError(f"{path}: the file has no frames")
+    expected = {"center": (n, 2), "scale": (n,), "S": (n, 24, 4), "part": (n, 24, 3),
+                "openpose": (n, 25, 3)}
+    for key, shape in expected.items():
+        if key in arrays and arrays[key].shape != shape:
+            raise JregfixError(
+                f"{path}: key '{key}' has shape {arrays[key].shape}, expected {shape}")
+    for key in ("center", "scale", "S"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise JregfixError(f"{path}: key '{key}' contains NaN or inf")
+    imgname = arrays["imgname"].astype(str)
+    return H36MData(
+        imgname=imgname,
+        center=arrays["center"].astype(np.float64),
+        scale=arrays["scale"].astype(np.float64),
+        S=arrays["S"].astype(np.float64) if "S" in arrays else None,
+        part=arrays.get("part"),
+        openpose=arrays.get("openpose"),
+        path=str(path),
+        keys=[parse_imgname(x) for x in imgname],
+    )
+
+
+def protocol_mask(data: H36MData, protocol: str) -> np.ndarray:
+    """Rows kept by a protocol: 'p1' all four cameras, 'p2' camera 60457274 only (HMR naming)."""
+    if protocol == "p1":
+        return np.ones(len(data), dtype=bool)
+    if protocol == "p2":
+        return data.cameras == P2_CAMERA
+    raise JregfixError(f"unknown protocol {protocol!r}; use 'p1' (4 cameras) or 'p2' (60457274)")
+
+
+def subject_mask(data: H36MData, subjects: list[str] | tuple[str, ...]) -> np.ndarray:
+    return np.isin(data.subjects, list(subjects))

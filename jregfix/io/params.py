@@ -1,0 +1,123 @@
+"""Body-parameter files: the npz every stage exchanges (spin, refine, demo; architecture.md).
+
+Keys: ``pose`` (N,72) axis-angle and/or ``pred_rotmat``/``rotmat`` (N,24,3,3) and/or ``pose_6d``
+(N,144); ``betas`` (N,10); optional ``camera`` (N,3) weak perspective (s,tx,ty), ``cam_t``
+(N,3), ``vertices`` (N,V,3), ``imgname`` (N,).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jregfix.errors import JregfixError
+
+POSE_KEYS = ("pred_rotmat", "rotmat", "pose", "pose_6d")
+
+
+@dataclass
+class BodyParams:
+    """Per-frame body parameters. ``pose`` is kept in the file's layout (axis-angle (N,3J),
+    6D (N,6J)/(N,J,6) or rotation matrices (N,J,3,3)); the body layer's ``pose_to_rotmat``
+    converts any of them."""
+
+    pose: np.ndarray | None
+    betas: np.ndarray | None
+    camera: np.ndarray | None = None
+    cam_t: np.ndarray | None = None
+    vertices: np.ndarray | None = None
+    imgname: np.ndarray | None = None
+    path: str = ""
+
+    def __len__(self) -> int:
+        for a in (self.pose, self.vertices):
+            if a is not None:
+                return len(a)
+        return 0
+
+    def select(self, index: np.ndarray) -> BodyParams:
+        def pick(a):
+            return None if a is None else a[index]
+
+        return BodyParams(pick(self.pose), pick(self.betas), pick(self.camera),
+                          pick(self.cam_t), pick(self.vertices), pick(self.imgname), self.path)
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise JregfixError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
+
+
+def params_from_arrays(arrays: dict, path: str = "", num_joints: int = 24,
+                       require_pose: bool = True) -> BodyParams:
+    """Validate arrays (from an npz or a pickle track): keys, row counts, shapes, finiteness."""
+    pose_key = next((k for k in POSE_KEYS if k in arrays and arrays[k] is not None), None)
+    has_verts = arrays.get("vertices", arrays.get("verts")) is not None
+    if pose_key is None and (require_pose or not has_verts):
+        raise JregfixError(f"{path}: no pose found; expected one of {list(POSE_KEYS)}"
+                           + ("" if require_pose else " or 'vertices'"))
+    pose = None
+    n = None
+    if pose_key is not None:
+        pose = np.asarray(arrays[pose_key], dtype=np.float64)
+        n = len(pose)
+        tail = pose.shape[1:]
+        j = num_joints
+        if tail not in ((3 * j,), (6 * j,), (9 * j,), (j, 3), (j, 6), (j, 3, 3)):
+            raise JregfixError(f"{path}: key '{pose_key}' has shape {pose.shape}; expected "
+                               f"(N,{3 * j}) axis-angle, (N,{j},6) 6D or (N,{j},3,3) rotations")
+        _check_finite(pose, path, pose_key)
+    betas = arrays.get("betas", arrays.get("shape"))
+    if betas is not None:
+        betas = np.asarray(betas, dtype=np.float64)
+        _check_rows(betas, n, path, "betas", ndim=2)
+        _check_finite(betas, path, "betas")
+        n = len(betas) if n is None else n
+    elif pose is not None:
+        raise JregfixError(f"{path}: key 'betas' is missing")
+    verts = arrays.get("vertices", arrays.get("verts"))
+    if verts is not None:
+        verts = np.asarray(verts, dtype=np.float32)
+        if verts.ndim != 3 or verts.shape[-1] != 3:
+            raise JregfixError(f"{path}: vertices have shape {verts.shape}, expected (N,V,3)")
+        _check_rows(verts, n, path, "vertices", ndim=3)
+        _check_finite(verts, path, "vertices")
+    out = {}
+    for key, width in (("camera", 3), ("cam_t", 3)):
+        a = arrays.get(key)
+        if a is not None:
+            a = np.asarray(a, dtype=np.float64)
+            if a.shape != (len(a), width):
+                raise JregfixError(f"{path}: key '{key}' has shape {a.shape}, expected (N,{width})")
+            _check_rows(a, n if n is not None else len(a), path, key, ndim=2)
+            out[key] = a
+    imgname = arrays.get("imgname")
+    return BodyParams(pose, betas, out.get("camera"), out.get("cam_t"), verts,
+                      None if imgname is None else np.asarray(imgname).astype(str), path)
+
+
+def load_params(path: str | Path, num_joints: int = 24, require_pose: bool = True) -> BodyParams:
+    return params_from_arrays(read_npz(path), str(path), num_joints, require_pose)
+
+
+def _check_rows(a: np.ndarray, n: int | None, path: str, key: str, ndim: int) -> None:
+    if a.ndim != ndim:
+        raise JregfixError(f"{path}: key '{key}' has shape {a.shape}, expected {ndim} dimensions")
+    if n is not None and len(a) != n:
+        raise JregfixError(f"{path}: key '{key}' has {len(a)} rows but the pose has {n}")
+
+
+def _check_finite(a: np.ndarray, path: str, key: str) -> None:
+    if not np.isfinite(a).all():
+        bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1))
+        raise JregfixError(f"{path}: key '{key}' has NaN/inf in {len(bad)} row(s), "
+                           f"first at row {bad[0]}")
