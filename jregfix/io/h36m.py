@@ -155,3 +155,30 @@ def protocol_mask(data: H36MData, protocol: str) -> np.ndarray:
 
 def subject_mask(data: H36MData, subjects: list[str] | tuple[str, ...]) -> np.ndarray:
     return np.isin(data.subjects, list(subjects))
+
+
+def joints17_to_s24(joints17: np.ndarray) -> np.ndarray:
+    """(N,17,3) joints in regressor row order -> SPIN's S (N,24,4), pelvis-relative, conf 1."""
+    n = len(joints17)
+    s = np.zeros((n, 24, 4))
+    rel = joints17 - joints17[:, :1]
+    s[:, list(H36M17_FROM_J24), :3] = rel
+    s[:, list(H36M17_FROM_J24), 3] = 1.0
+    return s
+
+
+def save_h36m(path: str | Path, imgname, center: np.ndarray, scale: np.ndarray,
+              S: np.ndarray | None = None, **extra: np.ndarray) -> None:
+    """Write a SPIN-format Human3.6M npz (atomic)."""
+    from jregfix.io.atomic import save_npz
+
+    arrays = {"imgname": np.asarray(imgname).astype(str), "center": np.asarray(center, float),
+              "scale": np.asarray(scale, float), **extra}
+    if S is not None:
+        arrays["S"] = np.asarray(S, float)
+    save_npz(path, **arrays)
+
+
+def h36m_imgname(subject: str, action: str, camera: str, frame: int) -> str:
+    """SPIN's naming: ``images/S9_Directions_1.60457274_000001.jpg`` (frame is 1-based)."""
+    return f"images/{subject}_{action.replace(' ', '_')}.{camera}_{frame:06d}.jpg"

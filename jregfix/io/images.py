@@ -1,0 +1,54 @@
+"""Reading dataset images: path resolution, missing-file checks, RGB uint8 decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from jregfix.errors import JregfixError
+
+
+def resolve_image(root: str | Path, imgname: str) -> Path:
+    """``root / imgname``; if absent, ``root / basename`` (``--images`` given as the images dir)."""
+    root = Path(root)
+    path = root / imgname
+    if path.is_file():
+        return path
+    alt = root / Path(imgname).name
+    return alt if alt.is_file() else path
+
+
+def check_images(root: str | Path, imgnames: Sequence[str], skip_missing: bool = False,
+                 show: int = 5) -> np.ndarray:
+    """(N,) bool: which images exist under ``root``.
+
+    Without ``skip_missing``, any missing image raises :class:`JregfixError` naming the first
+    ``show`` of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise JregfixError(f"image root {root} is not a directory")
+    present = np.array([resolve_image(root, n).is_file() for n in imgnames], dtype=bool)
+    if not skip_missing and not present.all():
+        missing = [str(n) for n, ok in zip(imgnames, present, strict=True) if not ok]
+        raise JregfixError(
+            f"{len(missing)} of {len(present)} images missing under {root}, e.g. "
+            f"{', '.join(missing[:show])}; fix --images or pass --skip-missing"
+        )
+    return present
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image as RGB uint8 (H,W,3), EXIF orientation applied (as cv2.imread does)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise JregfixError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise JregfixError(f"{path}: unreadable image ({exc})") from None

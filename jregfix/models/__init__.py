@@ -1,0 +1,1 @@
+"""Networks: SPIN's HMR regressor and the Mask R-CNN person segmenter."""

@@ -1,0 +1,73 @@
+"""Shared plumbing of the per-frame stages: device choice, prefetched image batches, chunking."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from jregfix.errors import JregfixError
+from jregfix.geometry.crop import crop_image
+from jregfix.io.h36m import H36MData
+from jregfix.io.images import read_image, resolve_image
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]  # (frames done, frames total)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise JregfixError(f"unknown device {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise JregfixError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def prefetch_batches(fn: Callable[[int], T], rows: Sequence[int], batch_size: int,
+                     workers: int = 2, ahead: int = 2) -> Iterator[tuple[list[int], list[T]]]:
+    """Yield ``(rows, [fn(r) for r in rows])`` batch by batch, decoding ``ahead`` batches early
+    in a thread pool (image decoding releases the GIL, so it overlaps the network)."""
+    batches = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        queue = deque()
+        for batch in batches:
+            queue.append((batch, [pool.submit(fn, r) for r in batch]))
+            if len(queue) > ahead:
+                done, futures = queue.popleft()
+                yield done, [f.result() for f in futures]
+        while queue:
+            done, futures = queue.popleft()
+            yield done, [f.result() for f in futures]
+
+
+def frame_reader(data: H36MData, images: str | Path, skip_unreadable: bool,
+                 crop: bool) -> Callable[[int], np.ndarray | None]:
+    """Row -> SPIN crop (224,224,3) uint8 (``crop``) or full RGB image; None if unreadable and
+    ``skip_unreadable``."""
+
+    def read(row: int) -> np.ndarray | None:
+        try:
+            img = read_image(resolve_image(images, data.imgname[row]))
+        except JregfixError:
+            if skip_unreadable:
+                return None
+            raise
+        return crop_image(img, data.center[row], data.scale[row]) if crop else img
+
+    return read
+
+
+def chunk_dir(out: str | Path) -> Path:
+    """Where a stage writing ``out`` keeps its resumable chunks: ``<out>.chunks/``."""
+    out = Path(out)
+    return out.with_name(out.name + ".chunks")

@@ -1,0 +1,235 @@
+"""``silhouettes`` stage: one person mask per Human3.6M frame, at 224 in SPIN crop coordinates.
+
+Per frame: run the segmenter on the full image; keep COCO-person detections with score >=
+``score_threshold``; choose the one whose box best overlaps the frame's SPIN crop square
+(side 200*scale around ``center``) by IoU, ties to the higher score; if the best IoU is below
+``min_iou`` (or nothing was detected) the frame is "not found" with an empty mask. The chosen
+mask probability map is resampled into the crop exactly as the image is (same integer box,
+bilinear; geometry/crop.py) and thresholded at ``mask_threshold``. Output format: io/masks.py,
+plus ``gt_row`` (N,), ``box`` (N,4) chosen box in image pixels (NaN if none) and ``iou`` (N,).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jregfix.errors import JregfixError
+from jregfix.geometry.crop import crop_image, crop_map, square_box
+from jregfix.io.atomic import write_bytes
+from jregfix.io.h36m import H36MData, load_h36m
+from jregfix.io.images import check_images, read_image, resolve_image
+from jregfix.io.manifest import (
+    ChunkStore,
+    chunk_ranges,
+    is_current,
+    manifest_path,
+    stage_record,
+    write_manifest,
+)
+from jregfix.io.masks import MASK_RES, pack_masks, save_packed_silhouettes, unpack_masks
+from jregfix.stages.frames import (
+    Progress,
+    chunk_dir,
+    frame_reader,
+    prefetch_batches,
+    resolve_device,
+)
+
+# images (list of uint8 RGB (H,W,3)) -> per image {"boxes" (K,4), "scores" (K,), "masks" (K,H,W)}
+Detector = Callable[[list[np.ndarray]], list[dict[str, np.ndarray]]]
+BACKENDS = ("torchvision",)
+
+
+@dataclass
+class SilhouetteConfig:
+    backend: str = "torchvision"
+    weights: str | None = None  # default: torchvision's cache file
+    score_threshold: float = 0.5
+    min_iou: float = 0.1
+    mask_threshold: float = 0.5
+    batch_size: int = 2
+    device: str = "auto"
+    skip_missing: bool = False
+    chunk_size: int = 256
+    workers: int = 2
+    force: bool = False
+
+
+@dataclass
+class SilhouetteResult:
+    out: Path
+    frames: int
+    found: int
+    skipped: list[str] = field(default_factory=list)
+    resumed_chunks: int = 0
+    up_to_date: bool = False
+    figure: Path | None = None
+
+
+def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """IoU of (K,4) boxes with one (4,) box, all x0, y0, x1, y1."""
+    lo = np.maximum(boxes[:, :2], box[:2])
+    hi = np.minimum(boxes[:, 2:], box[2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    union = area + np.prod(box[2:] - box[:2]) - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def select_person(boxes: np.ndarray, scores: np.ndarray, crop_square: np.ndarray,
+                  min_iou: float) -> tuple[int | None, float]:
+    """Index of the detection overlapping the crop square best (ties: higher score), its IoU;
+    None when there is no detection with IoU >= ``min_iou``."""
+    if len(boxes) == 0:
+        return None, 0.0
+    iou = box_iou(boxes, crop_square)
+    best = int(np.lexsort((-scores, -iou))[0])
+    return (best if iou[best] >= min_iou and iou[best] > 0 else None), float(iou[best])
+
+
+def torchvision_detector(weights: str | Path | None, device: str,
+                         score_threshold: float) -> Detector:
+    from jregfix.models.maskrcnn import build_maskrcnn, detect_people
+
+    dev = resolve_device(device)
+    model = build_maskrcnn(weights).to(dev)
+    return lambda images: detect_people(model, images, dev, score_threshold)
+
+
+def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, rows: list[int],
+                      config: SilhouetteConfig) -> dict[str, np.ndarray]:
+    """Choose one person per frame and map its mask into the crop; arrays for ``rows``."""
+    n = len(rows)
+    masks = np.zeros((n, MASK_RES, MASK_RES), bool)
+    score, iou = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    box = np.full((n, 4), np.nan, np.float32)
+    found = np.zeros(n, bool)
+    for i, (row, det) in enumerate(zip(rows, detections, strict=True)):
+        keep = det["scores"] >= config.score_threshold
+        boxes, scores = det["boxes"][keep], det["scores"][keep]
+        square = square_box(data.center[row], data.scale[row])[0]
+        best, iou[i] = select_person(boxes, scores, square, config.min_iou)
+        if best is None:
+            continue
+        prob = crop_map(det["masks"][keep][best], data.center[row], data.scale[row])
+        masks[i] = prob >= config.mask_threshold
+        score[i], box[i], found[i] = scores[best], boxes[best], True
+    return {"masks_packed": pack_masks(masks), "score": score, "found": found, "iou": iou,
+            "box": box}
+
+
+def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
+                    config: SilhouetteConfig | None = None, progress: Progress | None = None,
+                    detector: Detector | None = None,
+                    figure: str | Path | None = None) -> SilhouetteResult:
+    """Segment every frame of ``h36m`` and write ``out`` (+ manifest, optional overlay figure).
+
+    ``detector`` overrides the backend (its name should then be given as ``config.backend``).
+    """
+    config = config or SilhouetteConfig()
+    if config.batch_size <= 0:
+        raise JregfixError(f"batch size must be positive, got {config.batch_size}")
+    if detector is None and config.backend not in BACKENDS:
+        raise JregfixError(f"unknown segmentation backend {config.backend!r}; "
+                           f"available: {', '.join(BACKENDS)}")
+    out = Path(out)
+    data = load_h36m(h36m, require_3d=False)
+    present = check_images(images, data.imgname, config.skip_missing)
+    weights = None
+    if detector is None:
+        from jregfix.models.maskrcnn import default_weights_path
+
+        weights = Path(config.weights) if config.weights else default_weights_path()
+    cfg = {k: v for k, v in asdict(config).items()
+           if k in ("backend", "score_threshold", "min_iou", "mask_threshold", "skip_missing",
+                    "chunk_size")}
+    cfg["images"] = str(Path(images).resolve())
+    record = stage_record("silhouettes", {"h36m": h36m, "weights": weights}
+                          if weights is not None and weights.is_file() else {"h36m": h36m}, cfg)
+    if not config.force and is_current(out, record):
+        with np.load(out, allow_pickle=False) as z:
+            return SilhouetteResult(out, len(z["imgname"]), int(z["found"].sum()),
+                                    up_to_date=True)
+    if detector is None:
+        detector = torchvision_detector(weights, config.device, config.score_threshold)
+
+    store = ChunkStore(chunk_dir(out), record)
+    ranges = chunk_ranges(len(data), config.chunk_size)
+    read = frame_reader(data, images, config.skip_missing, crop=False)
+    resumed = 0
+    for ci, (start, stop) in enumerate(ranges):
+        if store.done(ci):
+            resumed += 1
+            if progress:
+                progress(stop, len(data))
+            continue
+        parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
+        rows = [r for r in range(start, stop) if present[r]]
+        for batch_rows, imgs in prefetch_batches(read, rows, config.batch_size, config.workers):
+            ok = [i for i, im in enumerate(imgs) if im is not None]
+            skipped += [batch_rows[i] for i, im in enumerate(imgs) if im is None]
+            if ok:
+                dets = detector([imgs[i] for i in ok])
+                good_rows = [batch_rows[i] for i in ok]
+                parts.append(frame_silhouettes(dets, data, good_rows, config))
+                kept += good_rows
+            if progress:
+                progress(start + len(kept) + len(skipped), len(data))
+        if parts:
+            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            arrays = frame_silhouettes([], data, [], config)
+        kept_rows = np.asarray(kept, dtype=np.int64)
+        store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str), gt_row=kept_rows,
+                   skipped_row=np.asarray(sorted(skipped), np.int64))
+        if progress:
+            progress(stop, len(data))
+
+    merged = store.concatenate(len(ranges))
+    skipped_rows = merged.pop("skipped_row")
+    n_out = len(merged["gt_row"])
+    if n_out == 0:
+        raise JregfixError(f"no readable images under {images} for {h36m}")
+    save_packed_silhouettes(out, merged.pop("masks_packed"), (MASK_RES, MASK_RES), **merged)
+    skipped = [str(data.imgname[r]) for r in skipped_rows]
+    found = int(merged["found"].sum())
+    write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
+                   extra={"frames": n_out, "found": found, "skipped": len(skipped),
+                          "skipped_examples": skipped[:20], "run_config": asdict(config)})
+    store.remove()
+    fig = None
+    if figure is not None:
+        fig = save_overlay_figure(figure, data, images, out)
+    return SilhouetteResult(out, n_out, found, skipped, resumed, figure=fig)
+
+
+def save_overlay_figure(path: str | Path, data: H36MData, images: str | Path,
+                        silhouettes: str | Path, count: int = 8, cols: int = 4) -> Path:
+    """PNG grid of the first ``count`` frames' crops with their masks tinted red."""
+    from PIL import Image
+
+    with np.load(silhouettes, allow_pickle=False) as z:
+        rows = z["gt_row"][:count]
+        masks = unpack_masks(z["masks_packed"][:count], tuple(z["mask_shape"]))
+        found = z["found"][:count]
+    tiles = []
+    for row, mask, ok in zip(rows, masks, found, strict=True):
+        img = read_image(resolve_image(images, data.imgname[row]))
+        tile = crop_image(img, data.center[row], data.scale[row]).astype(np.float32)
+        if ok:
+            tile[mask] = 0.5 * tile[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+        tiles.append(tile.astype(np.uint8))
+    rows_n = -(-len(tiles) // cols)
+    grid = np.zeros((rows_n * MASK_RES, cols * MASK_RES, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * MASK_RES:(r + 1) * MASK_RES, c * MASK_RES:(c + 1) * MASK_RES] = tile
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,143 @@
+"""``spin`` stage: SPIN's HMR on every frame of a SPIN-format Human3.6M file.
+
+Output npz (float32, rows in GT order, one per readable frame): ``pred_rotmat`` (N,24,3,3),
+``pose`` (N,72) axis-angle, ``pose_6d`` (N,144) SPIN interleaved 6D, ``betas`` (N,10),
+``camera`` (N,3) = (s, tx, ty), ``cam_t`` (N,3) = [tx, ty, 2*5000/(224 s)], ``imgname`` (N,),
+``gt_row`` (N,) row index in the input npz (frames skipped with ``skip_missing`` are absent).
+A manifest ``<out>.manifest.json`` records inputs (sha256), config and skipped frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jregfix.body.rotations import rotmat_to_axis_angle
+from jregfix.errors import JregfixError
+from jregfix.geometry.camera import weak_to_cam_t
+from jregfix.io.atomic import save_npz
+from jregfix.io.h36m import load_h36m
+from jregfix.io.images import check_images
+from jregfix.io.manifest import (
+    ChunkStore,
+    chunk_ranges,
+    is_current,
+    manifest_path,
+    stage_record,
+    write_manifest,
+)
+from jregfix.models.hmr import build_hmr, normalize_images
+from jregfix.stages.frames import (
+    Progress,
+    chunk_dir,
+    frame_reader,
+    prefetch_batches,
+    resolve_device,
+)
+
+
+@dataclass
+class SpinConfig:
+    batch_size: int = 16
+    device: str = "auto"
+    skip_missing: bool = False
+    chunk_size: int = 2048  # frames per resumable chunk
+    workers: int = 2  # image decoding threads
+    force: bool = False  # recompute even when the output is current
+
+
+@dataclass
+class SpinResult:
+    out: Path
+    frames: int
+    skipped: list[str] = field(default_factory=list)
+    filled_keys: dict[str, str] = field(default_factory=dict)
+    resumed_chunks: int = 0
+    up_to_date: bool = False
+
+
+def predict_crops(model: torch.nn.Module, crops: np.ndarray,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """uint8 crops (B,224,224,3) -> the per-frame output arrays (float32) for this batch."""
+    with torch.inference_mode():
+        x = normalize_images(torch.from_numpy(crops).to(device))
+        out = model(x)
+        rotmat = out.rotmat.double()
+        pose = rotmat_to_axis_angle(rotmat).reshape(len(crops), 72)
+        cam_t = weak_to_cam_t(out.camera.double())
+    arrays = {"pred_rotmat": rotmat, "pose": pose, "pose_6d": out.pose_6d, "betas": out.betas,
+              "camera": out.camera, "cam_t": cam_t}
+    return {k: v.float().cpu().numpy() for k, v in arrays.items()}
+
+
+def _empty_chunk() -> dict[str, np.ndarray]:
+    shapes = {"pred_rotmat": (0, 24, 3, 3), "pose": (0, 72), "pose_6d": (0, 144),
+              "betas": (0, 10), "camera": (0, 3), "cam_t": (0, 3)}
+    return {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+
+
+def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
+             mean_params: str | Path | None, out: str | Path,
+             config: SpinConfig | None = None, progress: Progress | None = None) -> SpinResult:
+    """Run HMR over ``h36m``'s frames (images under ``images``) and write ``out`` + manifest."""
+    config = config or SpinConfig()
+    if config.batch_size <= 0:
+        raise JregfixError(f"batch size must be positive, got {config.batch_size}")
+    out = Path(out)
+    data = load_h36m(h36m, require_3d=False)
+    present = check_images(images, data.imgname, config.skip_missing)
+    record = stage_record(
+        "spin", {"h36m": h36m, "checkpoint": checkpoint, "mean_params": mean_params},
+        {"images": str(Path(images).resolve()), "skip_missing": config.skip_missing,
+         "chunk_size": config.chunk_size, "n_iter": 3, "crop": "spin-bytescale-pil-bilinear"},
+    )
+    if not config.force and is_current(out, record):
+        with np.load(out, allow_pickle=False) as z:
+            return SpinResult(out, len(z["imgname"]), up_to_date=True)
+
+    device = resolve_device(config.device)
+    model, report = build_hmr(checkpoint, mean_params)
+    model.to(device)
+    store = ChunkStore(chunk_dir(out), record)
+    ranges = chunk_ranges(len(data), config.chunk_size)
+    read = frame_reader(data, images, config.skip_missing, crop=True)
+    done_frames, resumed = 0, 0
+    for ci, (start, stop) in enumerate(ranges):
+        if store.done(ci):
+            resumed += 1
+        else:
+            rows = [r for r in range(start, stop) if present[r]]
+            parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
+            for batch_rows, crops in prefetch_batches(read, rows, config.batch_size,
+                                                      config.workers):
+                ok = [i for i, c in enumerate(crops) if c is not None]
+                skipped += [batch_rows[i] for i, c in enumerate(crops) if c is None]
+                if ok:
+                    parts.append(predict_crops(model, np.stack([crops[i] for i in ok]), device))
+                    kept += [batch_rows[i] for i in ok]
+                if progress:
+                    progress(done_frames + len(kept) + len(skipped), len(data))
+            arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
+                      else _empty_chunk())
+            kept_rows = np.asarray(kept, dtype=np.int64)
+            store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str),
+                       gt_row=kept_rows, skipped_row=np.asarray(sorted(skipped), np.int64))
+        done_frames = stop
+        if progress:
+            progress(done_frames, len(data))
+
+    merged = store.concatenate(len(ranges))
+    skipped_rows = merged.pop("skipped_row")
+    if len(merged["gt_row"]) == 0:
+        raise JregfixError(f"no readable images under {images} for {h36m}")
+    save_npz(out, **merged)
+    skipped = [str(data.imgname[r]) for r in skipped_rows]
+    write_manifest(manifest_path(out), record, outputs={"spin": out},
+                   extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
+                          "skipped_examples": skipped[:20], "device": str(device),
+                          "run_config": asdict(config), "checkpoint_filled": report.filled})
+    store.remove()
+    return SpinResult(out, len(merged["gt_row"]), skipped, report.filled, resumed)
