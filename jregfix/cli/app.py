@@ -32,26 +32,23 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one red line and exit code 1 for user errors (``--debug`` re-raises)."""
+    """Console entry point: one red line and exit code 1 for user errors (``--debug`` re-raises).
+
+    typer's standalone mode prints usage errors itself and exits through SystemExit; only our
+    own errors reach the handler below.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except JregfixError as exc:
-        if _state["debug"] or "--debug" in (argv or sys.argv):
+        if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
-    except (typer.Exit, SystemExit) as exc:
-        return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
-    except typer.Abort:
-        console.print("aborted")
+    except KeyboardInterrupt:
+        console.print("interrupted")
         return 130
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
     return 0
 
 

@@ -1,0 +1,107 @@
+"""`jregfix fit-regressor`: the paper's NNLS regressor fit, streamed, shardable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jregfix.cli.app import app, console, progress_bar
+from jregfix.errors import JregfixError
+from jregfix.stages.fit_regressor import (
+    ABSOLUTE,
+    ROOT_RELATIVE,
+    FitConfig,
+    load_inputs,
+    run_fit,
+    run_merge,
+    run_shard,
+)
+
+
+@app.command("fit-regressor")
+def fit_regressor_command(
+    parts: list[Path] = typer.Argument(None, help="With --merge: the shard files to add up."),
+    params: Path = typer.Option(None, "--params", help="Body parameters npz (pose + betas, or "
+                                "vertices), rows aligned with --gt."),
+    gt: Path = typer.Option(None, "--gt", help="SPIN-format Human3.6M npz with 3D joints 'S'."),
+    smpl: Path = typer.Option(None, "--smpl", help="SMPL model file (.pkl/.npz) to pose meshes."),
+    out: Path = typer.Option(..., "--out", help="Regressor (.npy/.npz); with --shard, the "
+                             "partial sums (.npz)."),
+    sum_to_one_weight: float = typer.Option(1.0, "--sum-to-one-weight", help="lam / frames in "
+                                            "lam (1^T w - 1)^2 (m^2 per frame)."),
+    exact_sum_to_one: bool = typer.Option(False, "--exact-sum-to-one",
+                                          help="Constrain each row to sum to exactly one."),
+    support: str = typer.Option("knn:128", "--support", help="Candidate vertices per joint: "
+                                "all, knn:K or radius:R (metres)."),
+    subjects: str = typer.Option(None, "--subjects", help="Comma-separated, e.g. S1,S5 "
+                                 "(default: the training subjects S1,S5,S6,S7,S8)."),
+    allow_test_subjects: bool = typer.Option(False, "--allow-test-subjects",
+                                             help="Permit fitting on S9/S11 (leaks into eval)."),
+    absolute: bool = typer.Option(False, "--absolute", help="Meshes and joints share a frame: "
+                                  "no per-frame translation is eliminated."),
+    init_regressor: Path = typer.Option(None, "--init-regressor", help="A 17xV regressor whose "
+                                        "joints on the template centre the support (else a "
+                                        "pilot fit does)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the report here."),
+    shard: str = typer.Option(None, "--shard", help="i/n: accumulate shard i of n only."),
+    merge: bool = typer.Option(False, "--merge", help="Add shard files (PARTS) and solve."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Frames per accumulation chunk."),
+) -> None:
+    """Fit a 17xV joint regressor to Human3.6M ground truth by exact NNLS (sum-to-one term)."""
+    if merge:
+        if shard is not None:
+            raise JregfixError("--merge and --shard cannot be combined")
+        report = run_merge(parts or [], out, json_out)
+        _print_report(report, out)
+        return
+    if parts:
+        raise JregfixError(f"unexpected arguments {[str(p) for p in parts]} (only with --merge)")
+    if params is None or gt is None:
+        raise JregfixError("--params and --gt are required (or --merge PARTS...)")
+    config = FitConfig(mode=ABSOLUTE if absolute else ROOT_RELATIVE,
+                       sum_to_one_weight=sum_to_one_weight, exact_sum_to_one=exact_sum_to_one,
+                       support=support, chunk_size=chunk_size)
+    chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
+    inputs = load_inputs(params, gt, smpl, out, config, chosen, allow_test_subjects,
+                         init_regressor)
+    if shard is not None:
+        i, n = _parse_shard(shard)
+        total = len(inputs.index) // n + 1
+        with progress_bar(f"accumulating shard {i}/{n}", total) as advance:
+            meta = run_shard(inputs, out, config, (i, n), advance)
+        console.print(f"shard {i}/{n}: frames {meta['frames']} -> {out}")
+        return
+    with progress_bar("accumulating", len(inputs.index)) as advance:
+        report = run_fit(inputs, out, config, json_out, advance)
+    _print_report(report, out)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise JregfixError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not (n > 0 and 0 <= i < n):
+        raise JregfixError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def _print_report(report: dict, out: Path) -> None:
+    res = report["result"]
+    table = Table(title=f"fit-regressor: {res['frames']} frames, {report['method']['frame']}, "
+                  f"{report['method']['sum_to_one']}")
+    for col in ("joint", "RMS mm", "non-zeros", "row sum", "KKT (rel)"):
+        table.add_column(col, justify="left" if col == "joint" else "right")
+    for p in res["per_joint"]:
+        table.add_row(p["joint"], f"{p['rms_mm']:.2f}", str(p["nonzeros"]),
+                      f"{p['row_sum']:.4f}", f"{p['kkt_relative']:.1e}")
+    Console().print(table)
+    t = res.get("time_s", {})
+    console.print(f"regressor -> {out} (provenance {out}.json); "
+                  f"time {sum(v for k, v in t.items() if k != 'total'):.1f} s, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB")
+    if not res["converged"]:
+        console.print("[yellow]warning:[/] the solver stopped before reaching the KKT tolerance")

@@ -1,0 +1,284 @@
+"""`fit-regressor`: planted recovery, agreement with scipy on the stacked system, KKT, shards,
+leakage guard and bad inputs. Meshes come from the synthetic SMPL-format model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.optimize
+import torch
+
+from jregfix.body.base import batch_vertices
+from jregfix.cli.app import main
+from jregfix.io.atomic import write_json
+from jregfix.io.h36m import H36M17_FROM_J24
+from jregfix.stages.fit_regressor import ArrayMeshes, FitConfig, fit_regressor
+
+N_FRAMES = 200
+K = 17
+
+
+@pytest.fixture(scope="module")
+def frames(smpl_body):
+    """Poses, betas and float64 meshes (N, 6890, 3) of random bodies."""
+    gen = torch.Generator().manual_seed(7)
+    pose = torch.randn(N_FRAMES, 72, generator=gen) * 0.4
+    betas = torch.randn(N_FRAMES, 10, generator=gen)
+    verts = batch_vertices(smpl_body, pose, betas).double().numpy()
+    return pose.numpy().astype(np.float64), betas.numpy().astype(np.float64), verts
+
+
+@pytest.fixture(scope="module")
+def pool(frames):
+    """85 vertices whose centred trajectories are far from linearly dependent (pivoted QR).
+
+    The synthetic body moves almost rigidly per bone, so nearby vertices are nearly affinely
+    dependent and a regressor on them is not identifiable; a planted regressor can only be
+    recovered exactly on vertices that the data tell apart.
+    """
+    verts = frames[2]
+    centred = verts - verts.mean(1, keepdims=True)
+    traj = centred.transpose(0, 2, 1).reshape(3 * N_FRAMES, -1)
+    piv = scipy.linalg.qr(traj, mode="r", pivoting=True)[1]
+    return np.sort(piv[:85])
+
+
+def _planted(pool, seed=0):
+    """Disjoint 3-vertex rows with Dirichlet weights; candidates add 2 own + 8 shared decoys."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(pool)
+    w = np.zeros((K, 6890))
+    candidates = []
+    for j in range(K):
+        own = perm[5 * j:5 * j + 5]
+        w[j, own[:3]] = rng.dirichlet(np.ones(3))
+        candidates.append(np.union1d(own, rng.choice(pool, 8, replace=False)))
+    return w, candidates
+
+
+def _joints(w, verts):
+    return np.einsum("kv,nvd->nkd", w, verts)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_planted_regressor_recovered_under_random_translations(frames, pool, exact):
+    verts = frames[2]
+    w, candidates = _planted(pool)
+    joints = _joints(w, verts)
+    joints -= joints[:, :1]  # pelvis-centred, like H36M ground truth
+    moved = verts + np.random.default_rng(1).normal(size=(N_FRAMES, 1, 3))  # unknown offsets
+    config = FitConfig(exact_sum_to_one=exact, chunk_size=64)
+    sol, _ = fit_regressor(ArrayMeshes(moved), joints, verts[0], config, candidates=candidates)
+    assert np.abs(sol.regressor - w).max() < 1e-6
+    assert sol.diagnostics["converged"]
+    assert max(p["rms_mm"] for p in sol.diagnostics["per_joint"]) < 1e-4
+
+
+def test_planted_regressor_recovered_in_absolute_mode(frames, pool):
+    verts = frames[2]
+    w, candidates = _planted(pool, seed=1)
+    config = FitConfig(mode="absolute", chunk_size=50)
+    sol, _ = fit_regressor(ArrayMeshes(verts), _joints(w, verts), verts[0], config,
+                           candidates=candidates)
+    assert np.abs(sol.regressor - w).max() < 1e-6
+
+
+def _stacked_system(verts, joints, candidates, lam, centred):
+    """The explicit (3NK + K) x P least-squares system of the fit (module docstring)."""
+    n, k = len(verts), len(candidates)
+    if centred:
+        verts = verts - verts.mean(1, keepdims=True)
+    c = np.eye(k) - (1.0 / k if centred else 0.0)
+    blocks = []
+    for j in range(k):
+        cols = [c[j, i] * verts[:, candidates[i], :].transpose(0, 2, 1).reshape(3 * n, -1)
+                for i in range(k)]
+        blocks.append(np.hstack(cols))
+    target = np.einsum("jk,nkd->jnd", c, joints).reshape(-1)
+    penalty = np.zeros((k, sum(len(s) for s in candidates)))
+    start = 0
+    for j, s in enumerate(candidates):
+        penalty[j, start:start + len(s)] = np.sqrt(lam)
+        start += len(s)
+    return np.vstack(blocks + [penalty]), np.concatenate([target, np.full(k, np.sqrt(lam))])
+
+
+@pytest.mark.parametrize("mode", ["root-relative", "absolute"])
+def test_matches_scipy_nnls_on_the_stacked_system(frames, mode):
+    verts = frames[2][:150]
+    rng = np.random.default_rng(2)
+    k = 4
+    candidates = [np.sort(rng.choice(6890, 12, replace=False)) for _ in range(k)]
+    w_true = np.zeros((k, 6890))
+    for j in range(k):
+        w_true[j, candidates[j][:3]] = 1 / 3
+    joints = _joints(w_true, verts) + rng.normal(scale=0.01, size=(150, k, 3))
+    config = FitConfig(mode=mode, sum_to_one_weight=0.5, chunk_size=40)
+    sol, _ = fit_regressor(ArrayMeshes(verts), joints, verts[0], config, candidates=candidates)
+    lam = 0.5 * 150
+    a, x = _stacked_system(verts, joints, candidates, lam, mode == "root-relative")
+    w_ref, _ = scipy.optimize.nnls(a, x, maxiter=100_000)
+    w_ours = np.concatenate([sol.regressor[j, candidates[j]] for j in range(k)])
+    f_ref = np.sum((a @ w_ref - x) ** 2)
+    f_ours = np.sum((a @ w_ours - x) ** 2)
+    assert abs(f_ours - f_ref) <= 1e-8 * f_ref
+    assert sol.diagnostics["objective"] == pytest.approx(f_ours, rel=1e-8)
+    # KKT of the stacked problem, from scratch: gradient a'(a w - x) on zeros >= -tol, on the
+    # support ~ 0 (tolerance relative to the largest diagonal of a'a).
+    grad = a.T @ (a @ w_ours - x)
+    tol = 1e-9 * (a * a).sum(0).max()
+    assert (w_ours >= 0).all()
+    assert (grad[w_ours == 0] >= -tol).all()
+    assert (np.abs(grad[w_ours > 0]) <= tol).all()
+    assert sol.diagnostics["kkt_relative_max"] <= 1e-10
+
+
+def _local_planted(tmpl, seed):
+    """Rows on 4 neighbouring vertices around random centres (like a real joint regressor)."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((K, len(tmpl)))
+    for j, centre in enumerate(rng.choice(len(tmpl), K, replace=False)):
+        near = np.argsort(np.linalg.norm(tmpl - tmpl[centre], axis=1))[:4]
+        w[j, near] = rng.dirichlet(np.ones(4))
+    return w
+
+
+def test_pilot_support_finds_the_joints(frames):
+    """Default support (no init regressor): joints reproduced on frames not used in the fit."""
+    verts = frames[2]
+    tmpl = verts[0]
+    w = _local_planted(tmpl, seed=4)
+    joints = _joints(w, verts)
+    joints -= joints[:, :1]
+    config = FitConfig(support="knn:32", chunk_size=64, pilot_vertices=512)
+    sol, support = fit_regressor(ArrayMeshes(verts), joints, tmpl, config,
+                                 index=np.arange(150))
+    assert support.source.startswith("pilot fit")
+    held_out = _joints(sol.regressor, verts[150:])
+    held_out -= held_out[:, :1]
+    err = np.linalg.norm(held_out - joints[150:], axis=-1)
+    assert err.max() < 2e-3  # metres; rigid neighbours make W itself non-unique
+    assert all(s.size == 32 for s in support.rows)
+
+
+# ----------------------------------------------------------------------------- files / CLI
+
+SUBJECTS = ["S1"] * 30 + ["S5"] * 30 + ["S9"] * 30
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, frames, pool, smpl_pkl):
+    """GT npz, params npz (pose, betas, imgname) and the planted regressor for 90 frames."""
+    root = tmp_path_factory.mktemp("fitreg")
+    pose, betas, verts = (a[:90] for a in frames)
+    w = _local_planted(verts[0], seed=3)
+    joints = _joints(w, verts)
+    joints = joints - joints[:, :1] + np.random.default_rng(5).normal(scale=2e-3, size=joints.shape)
+    imgname = np.array([f"images/{s}_Walking_1.54138969_{i + 1:06d}.jpg"
+                        for i, s in enumerate(SUBJECTS)])
+    s24 = np.zeros((90, 24, 4))
+    s24[:, list(H36M17_FROM_J24), :3] = joints
+    s24[..., 3] = 1.0
+    gt = root / "h36m.npz"
+    np.savez(gt, imgname=imgname, center=np.full((90, 2), 500.0), scale=np.ones(90), S=s24)
+    params = root / "params.npz"
+    np.savez(params, pose=pose, betas=betas, imgname=imgname)
+    init = root / "init.npy"
+    np.save(init, w)
+    return {"root": root, "gt": gt, "params": params, "smpl": smpl_pkl, "init": init, "w": w,
+            "pose": pose, "betas": betas, "imgname": imgname, "s24": s24}
+
+
+def _args(files, out, *extra):
+    return ["fit-regressor", "--params", str(files["params"]), "--gt", str(files["gt"]),
+            "--smpl", str(files["smpl"]), "--out", str(out), "--support", "knn:16",
+            "--init-regressor", str(files["init"]), *extra]
+
+
+def test_cli_fit_shards_and_merge(files):
+    root = files["root"]
+    out, report = root / "J.npy", root / "report.json"
+    assert main(_args(files, out, "--json", str(report))) == 0
+    doc = json.loads(report.read_text())
+    assert json.loads((root / "J.npy.json").read_text())["result"] == doc["result"]
+    res = doc["result"]
+    assert res["frames"] == 60  # S1 + S5; S9 is a test subject
+    assert doc["leakage_guard"]["subjects"] == {"S1": 30, "S5": 30}
+    assert len(res["per_joint"]) == 17 and res["converged"]
+    for key in ("rms_mm", "nonzeros", "row_sum", "kkt_violation", "candidates"):
+        assert key in res["per_joint"][0]
+    assert res["peak_rss_mb"] > 0 and res["time_s"]["total"] > 0
+    assert {"params", "gt", "smpl", "init_regressor"} <= set(doc["inputs"])
+    whole = np.load(out)
+    assert whole.shape == (17, 6890) and (whole >= 0).all()
+    # The noise is 2 mm per coordinate; the fit cannot be much worse than the planted rows.
+    assert res["rms_mm_all_joints"] < 5.0
+
+    parts = [root / f"part{i}.npz" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main(_args(files, part, "--shard", f"{i}/2")) == 0
+    merged = root / "J_merged.npy"
+    assert main(["fit-regressor", "--merge", str(parts[1]), str(parts[0]),
+                 "--out", str(merged)]) == 0
+    np.testing.assert_allclose(np.load(merged), whole, atol=1e-8)
+    assert main(["fit-regressor", "--merge", str(parts[0]), "--out",
+                 str(root / "J_bad.npy")]) == 1  # shard 1 of 2 is missing
+    assert not (root / "J_bad.npy").exists()
+
+
+def _write_params(path, files, **override):
+    arrays = {"pose": files["pose"], "betas": files["betas"], "imgname": files["imgname"]}
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_bad_inputs_fail_cleanly(files, tmp_path):
+    def fails(args):
+        assert main(args) == 1
+        assert not (tmp_path / "J.npy").exists() and not (tmp_path / "J.npy.json").exists()
+
+    base = _args(files, tmp_path / "J.npy")
+    p = str(_write_params(tmp_path / "short.npz", files, pose=files["pose"][:80],
+                          betas=files["betas"][:80], imgname=files["imgname"][:80]))
+    fails(base[:2] + [p] + base[3:])  # row count mismatch with the GT
+    nan_betas = files["betas"].copy()
+    nan_betas[4, 2] = np.nan
+    p = str(_write_params(tmp_path / "nan.npz", files, betas=nan_betas))
+    fails(base[:2] + [p] + base[3:])
+    shuffled = files["imgname"][::-1].copy()
+    p = str(_write_params(tmp_path / "order.npz", files, imgname=shuffled))
+    fails(base[:2] + [p] + base[3:])  # same count, different frames
+    p = str(_write_params(tmp_path / "shape.npz", files, pose=files["pose"][:, :70]))
+    fails(base[:2] + [p] + base[3:])
+    s24 = files["s24"].copy()
+    s24[3, 5, 0] = np.nan
+    gt = tmp_path / "nan_gt.npz"
+    np.savez(gt, imgname=files["imgname"], center=np.full((90, 2), 500.0), scale=np.ones(90),
+             S=s24)
+    fails(base[:4] + [str(gt)] + base[5:])
+    bad_reg = tmp_path / "bad_reg.npy"
+    np.save(bad_reg, np.full((17, 100), 0.01))
+    fails(base[:-1] + [str(bad_reg)])  # regressor shape does not fit the 6890-vertex body
+    fails(base + ["--support", "knn:0"])
+
+
+def test_leakage_guard(files, tmp_path):
+    out = tmp_path / "J.npy"
+    assert main(_args(files, out, "--subjects", "S1,S9")) == 1
+    assert not out.exists()
+    assert main(_args(files, out, "--subjects", "S1,S9", "--allow-test-subjects")) == 0
+    guard = json.loads((tmp_path / "J.npy.json").read_text())["leakage_guard"]
+    assert guard == {"subjects": {"S1": 30, "S9": 30}, "test_subjects_used": ["S9"]}
+    out.unlink()
+    # Meshes whose manifest lists the output regressor as an input are refused.
+    params = _write_params(tmp_path / "refined.npz", files)
+    write_json(tmp_path / "refined.npz.manifest.json",
+               {"inputs": {"regressor": {"path": str(out), "sha256": "0" * 64}}})
+    args = _args(files, out)
+    args[2] = str(params)
+    assert main(args) == 1
+    assert not out.exists()
