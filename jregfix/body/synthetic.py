@@ -7,11 +7,15 @@ J_regressor. The surface is star-shaped around the torso: a UV sphere (82 rings 
 2 poles) whose radius along each ray is the far boundary of a union of capsules placed on a
 T-pose skeleton, so it has a head, arms and legs in the right places. It is a body-like blob,
 not a human scan; every number computed on it is synthetic.
+
+``uv_sphere`` and ``body_blob`` give closed genus-0 meshes of any size (renderer tests and
+benchmarks; ``body_blob()`` has the SMPL counts, ``body_blob(108, 127)`` about Anny's).
 """
 
 from __future__ import annotations
 
 import copyreg
+import math
 import pickle
 import sys
 import types
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+import torch
 
 from jregfix.io.atomic import atomic_path
 
@@ -47,23 +52,51 @@ N_RINGS, N_COLUMNS = 82, 84
 
 
 def sphere_mesh() -> tuple[np.ndarray, np.ndarray]:
-    """Unit UV sphere with 82 x 84 + 2 = 6890 vertices and 13776 outward triangles."""
-    polar = np.pi * (np.arange(N_RINGS) + 1) / (N_RINGS + 1)
-    azim = 2 * np.pi * np.arange(N_COLUMNS) / N_COLUMNS
-    p, a = np.meshgrid(polar, azim, indexing="ij")
-    ring = np.stack([np.sin(p) * np.cos(a), np.cos(p), np.sin(p) * np.sin(a)], -1).reshape(-1, 3)
-    verts = np.concatenate([[[0.0, 1.0, 0.0]], ring, [[0.0, -1.0, 0.0]]])
-    top, bottom = 0, len(verts) - 1
-    idx = lambda r, c: 1 + r * N_COLUMNS + (c % N_COLUMNS)  # noqa: E731
-    faces = []
-    for c in range(N_COLUMNS):
-        faces.append((top, idx(0, c + 1), idx(0, c)))
-        faces.append((bottom, idx(N_RINGS - 1, c), idx(N_RINGS - 1, c + 1)))
-        for r in range(N_RINGS - 1):
-            a0, a1, b0, b1 = idx(r, c), idx(r, c + 1), idx(r + 1, c), idx(r + 1, c + 1)
-            faces.append((a0, a1, b1))
-            faces.append((a0, b1, b0))
-    return verts, np.asarray(faces, dtype=np.int64)
+    """Unit UV sphere with 82 x 84 + 2 = 6890 vertices and 13776 outward triangles, poles on y."""
+    v, f = uv_sphere(N_RINGS, N_COLUMNS, torch.float64)
+    # (x, y, z) -> (x, z, y) puts the poles on y; the swap mirrors, so the winding flips too.
+    return v[:, [0, 2, 1]].numpy(), f[:, [0, 2, 1]].numpy()
+
+
+def uv_sphere(rings: int, segments: int, dtype: torch.dtype = torch.float32):
+    """Unit UV sphere: ``rings`` latitude circles of ``segments`` vertices plus two poles.
+
+    Returns vertices (rings * segments + 2, 3) and faces (2 * rings * segments, 3) int64, i.e.
+    F = 2 V - 4 (closed, genus 0), consistently oriented (outward normals).
+    """
+    theta = torch.arange(1, rings + 1, dtype=torch.float64) * (math.pi / (rings + 1))
+    phi = torch.arange(segments, dtype=torch.float64) * (2 * math.pi / segments)
+    st, ct = theta.sin()[:, None], theta.cos()[:, None]
+    ring = torch.stack([st * phi.cos(), st * phi.sin(), ct.expand(-1, segments)], -1)
+    verts = torch.cat([torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64), ring.reshape(-1, 3),
+                       torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64)])
+    j = torch.arange(segments)
+    jn = (j + 1) % segments
+    top = torch.stack([torch.zeros_like(j), 1 + j, 1 + jn], 1)
+    r = torch.arange(rings - 1)[:, None]
+    a, b = 1 + r * segments + j, 1 + r * segments + jn
+    c, d = a + segments, b + segments
+    quads = torch.cat([torch.stack([a, c, d], -1), torch.stack([a, d, b], -1)], 1).reshape(-1, 3)
+    south = verts.shape[0] - 1
+    last = 1 + (rings - 1) * segments
+    bottom = torch.stack([torch.full_like(j, south), last + jn, last + j], 1)
+    return verts.to(dtype), torch.cat([top, quads, bottom]).long()
+
+
+def body_blob(rings: int = 82, segments: int = 84, dtype: torch.dtype = torch.float32):
+    """A lumpy, person-sized (about 1.7 x 0.6 m) closed mesh in SPIN's camera orientation.
+
+    Default size: 6890 vertices / 13776 faces, the SMPL counts; ``body_blob(108, 127)`` gives
+    13718 vertices / 27432 faces (Anny has 13718 / 27420 but is not closed). Vertex y is the long
+    axis pointing down the image (y down), centred at the origin.
+    """
+    v, f = uv_sphere(rings, segments, torch.float64)
+    x, y, z = v.unbind(-1)
+    phi = torch.atan2(y, x)
+    # Radial bumps (head/shoulder/hip-like waist) and a flattened torso, all smooth.
+    bump = 1.0 + 0.18 * torch.cos(3 * phi) * (1 - z * z) + 0.25 * torch.cos(5 * z) ** 2 * x.abs()
+    out = torch.stack([0.3 * x * bump, -0.85 * z, 0.15 * y * bump], -1)
+    return out.to(dtype), f
 
 
 def _capsule_segments() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Cameras, projection, Procrustes alignment and pose metrics."""

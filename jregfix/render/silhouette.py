@@ -1,0 +1,262 @@
+"""Soft (differentiable) and hard silhouettes of triangle meshes, sparse, in pure PyTorch.
+
+Semantics (SoftRas, Liu et al. 2019; PyTorch3D's soft silhouette). For pixel centre p and a
+projected face f with squared distance d2 (px^2) from p to the triangle (0 inside),
+
+    D_f(p) = sigmoid(s d2 / sigma),  s = +1 if p is inside the triangle, -1 outside,
+    A(p)   = 1 - prod_f (1 - D_f(p)),
+
+so a face gives 1/2 on its edges, tends to 1 deep inside and decays like exp(-d2 / sigma)
+outside. ``sigma`` is in px^2; PyTorch3D's ``BlendParams.sigma`` (NDC units) corresponds to
+``sigma_ndc * (min(H, W) / 2) ** 2`` px^2 (the paper's 1e-4 at 224^2 is 1.25 px^2). Depth plays
+no role: a silhouette is the union of all faces (no z-buffer), as in PyTorch3D's silhouette
+shader.
+
+Cut-off. Face f is evaluated only on the pixels whose centres lie in its projected bounding box
+grown by the margin r = sqrt(sigma ln((1 - c) / c)), c = ``cutoff``; every skipped pair has
+D < c. If k faces are skipped at a pixel, 0 <= A_exact - A <= 1 - (1 - c)^k <= k c. Because D
+also decays like exp(-d2 / sigma) beyond r, the sum over the skipped faces stays a small
+multiple of c in practice (tests/test_render_soft.py measures it; we document <= 10 c). The
+default c = 1e-4 gives r = 3.03 sqrt(sigma) px.
+
+Interior (``interior="hard"``, the default, for speed). Pixels deeper than ceil(r) + 1 px
+(chessboard distance) inside the hard silhouette are set to exactly 1 with zero gradient, and
+faces whose grown box lies entirely in that deep interior are skipped. Exact SoftRas gives
+slightly less than 1 there wherever a pixel lies within ~sqrt(sigma) of internal mesh edges
+(1 - A is a product of factors <= 1/2 from the front and the back layer; a few 1e-2 at most on
+body-like meshes with 2 px faces, see the tests), and those gradients only shuffle internal
+edges. ``interior="soft"`` evaluates every pixel: exact SoftRas up to the cut-off.
+
+Caveat for fitting to binary masks: where many faces crowd in projection (the outline of a
+dense closed mesh, seen edge-on) their small outside terms add up, so A spills past the hard
+outline; on a 6890-vertex body-like blob at 224^2 the soft area is ~8 % (sigma = 1) or ~3.5 %
+(sigma = 0.25) larger than the hard one. An MSE against a hard mask is therefore biased
+towards a slightly smaller body; a smaller sigma reduces the bias.
+
+Faces with a vertex at z <= Z_NEAR (behind or at the camera) are dropped; pixels are clipped to
+the image. Memory stays bounded: faces are processed in groups of equal box shape, at most
+about ``max_pairs`` (face, pixel) pairs at a time, and the backward pass keeps 28 bytes per pair;
+nothing ever has the size pixels x faces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from jregfix.errors import JregfixError
+from jregfix.geometry.camera import PinholeCamera
+from jregfix.render.raster import (
+    box_groups,
+    box_pixels,
+    image_hw,
+    inside_grid,
+    pixel_ranges,
+    rect_sums,
+    screen_triangles,
+)
+
+DEFAULT_SIGMA = 1.0  # px^2
+DEFAULT_CUTOFF = 1e-4
+MAX_PAIRS = 1 << 17  # pairs per group chunk: keeps the (M, K) temporaries cache-resident
+
+
+def blur_margin(sigma: float, cutoff: float) -> float:
+    """Distance (px) beyond which a face's outside coverage sigmoid(-d2 / sigma) is < cutoff."""
+    if not 0.0 < cutoff < 0.5:
+        raise JregfixError(f"cutoff must be in (0, 0.5), got {cutoff}")
+    return math.sqrt(sigma * math.log((1.0 - cutoff) / cutoff))
+
+
+def _erode(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Binary erosion of (B, H, W) by a (2k+1)^2 square; outside the image counts as empty."""
+    empty = F.pad((~mask).float()[:, None], (k, k, k, k), value=1.0)
+    empty = F.max_pool2d(empty, (2 * k + 1, 1), stride=1)  # separable: rows, then columns
+    empty = F.max_pool2d(empty, (1, 2 * k + 1), stride=1)
+    return empty[:, 0] == 0
+
+
+def _face_table(tri: torch.Tensor) -> torch.Tensor:
+    """Per-face constants (B*F, 18): a_x, a_y (vertices), e_x, e_y (edges a_i -> a_(i+1)) and
+    e / |e|^2 (x, y), three columns each."""
+    a = tri.reshape(-1, 3, 2)
+    e = a.roll(-1, 1) - a
+    e_scaled = e / (e * e).sum(-1, keepdim=True).clamp(min=1e-12)
+    return torch.cat([a[..., 0], a[..., 1], e[..., 0], e[..., 1],
+                      e_scaled[..., 0], e_scaled[..., 1]], 1)
+
+
+def _grid_terms(tab, px, py, sigma, need_grad):
+    """log(1 - D) on a (faces x pixels) grid, and its gradient factors.
+
+    tab (M, 18) face constants; px (M, K), py (M, K) pixel centres. Returns logterm (M, K) and,
+    if ``need_grad``, dlog (M, 6, K) = d log(1 - D) / d(a_0x, a_1x, a_2x, a_0y, a_1y, a_2y).
+    With q = (1 - u) a_k + u a_(k+1) the closest triangle point (on edge k), d log(1 - D) / d q
+    = (2 s D / sigma) (p - q); by the envelope rule (also where u is clamped to 0 or 1) vertex
+    a_k gets the share (1 - u) of it and a_(k+1) the share u.
+
+    Only fast arithmetic (no comparisons, where or gathers): on CPU these are ~10x cheaper.
+    """
+    col = tab[:, :, None]
+    d2, us, dxs, dys, crosses = [], [], [], [], []
+    for i in range(3):
+        ax, ay, ex, ey, sx, sy = (col[:, j + i] for j in range(0, 18, 3))
+        wx, wy = px - ax, py - ay
+        u = torch.addcmul(wx * sx, wy, sy).clamp_(0.0, 1.0)
+        dx = torch.addcmul(wx, u, ex, value=-1.0)
+        dy = torch.addcmul(wy, u, ey, value=-1.0)
+        d2.append(torch.addcmul(dx * dx, dy, dy))
+        crosses.append(torch.addcmul(wy * ex, wx, ey, value=-1.0))
+        us.append(u), dxs.append(dx), dys.append(dy)
+    best = torch.minimum(torch.minimum(d2[0], d2[1]), d2[2])
+    # Inside or on the triangle iff the edge functions do not change sign: s = +1, outside -1
+    # (s = 0 only where d2 = 0).
+    c = crosses
+    cmin = torch.minimum(torch.minimum(c[0], c[1]), c[2])
+    cmax = torch.maximum(torch.maximum(c[0], c[1]), c[2])
+    sign = cmin.mul_(cmax).sign_()
+    x = best.mul(sign).mul_(1.0 / sigma)
+    one_minus = torch.sigmoid(x.neg_())
+    logterm = torch.log(one_minus)  # -inf once 1 - D underflows: then A = 1 exactly
+    if not need_grad:
+        return logterm, None
+    # Exclusive nearest-edge indicators (ties go to the lower index).
+    i0 = torch.sign(d2[0] - best).neg_().add_(1.0)
+    i1 = torch.sign(d2[1] - best).neg_().add_(1.0).mul_(1.0 - i0)
+    i2 = 1.0 - i0 - i1
+    ind = (i0, i1, i2)
+    gx = i0 * dxs[0] + i1 * dxs[1] + i2 * dxs[2]
+    gy = i0 * dys[0] + i1 * dys[1] + i2 * dys[2]
+    coef = one_minus.neg_().add_(1.0).mul_(sign).mul_(2.0 / sigma)  # 2 s D / sigma
+    gx.mul_(coef)
+    gy.mul_(coef)
+    m, k = px.shape
+    dlog = px.new_empty(m, 6, k)
+    t = [ind[i] * us[i] for i in range(3)]
+    for v in range(3):
+        wv = ind[v] - t[v] + t[v - 1]  # (1 - u) from edge v, u from edge v - 1
+        torch.mul(wv, gx, out=dlog[:, v])
+        torch.mul(wv, gy, out=dlog[:, 3 + v])
+    return logterm, dlog
+
+
+class _SoftCoverage(torch.autograd.Function):
+    """tri (B, F, 3, 2) -> coverage A (B, H, W), with a hand-written sparse backward."""
+
+    @staticmethod
+    def forward(ctx, tri, valid, h, w, sigma, margin, deep, max_pairs):
+        b, f = valid.shape
+        x0, y0, nx, ny = pixel_ranges(tri, valid, h, w, margin)
+        if deep is not None:
+            # Faces whose grown box lies entirely in the deep interior do not contribute.
+            nx = nx * (rect_sums(~deep, x0, y0, nx, ny) > 0)
+        table = _face_table(tri)
+        px0 = x0.reshape(-1).to(tri.dtype) + 0.5
+        py0 = y0.reshape(-1).to(tri.dtype) + 0.5
+        logsum = tri.new_zeros(b * h * w)
+        need_grad = ctx.needs_input_grad[0]
+        saved = []
+        for fi, ox, oy in box_groups(nx, ny, max_pairs):
+            px = px0[fi, None] + ox.to(tri.dtype)
+            py = py0[fi, None] + oy.to(tri.dtype)
+            logterm, dlog = _grid_terms(table[fi], px, py, sigma, need_grad)
+            pix = box_pixels(fi, ox, oy, x0, y0, f, h, w).view(-1)
+            logsum.scatter_add_(0, pix, logterm.view(-1))
+            if need_grad:
+                saved.append((fi, pix.int(), dlog))
+        one_minus = logsum.exp()
+        cover = 1.0 - one_minus
+        if deep is not None:
+            # Deep pixels may still receive terms from boundary faces: overwrite, no gradient.
+            cover = cover.masked_fill(deep.view(-1), 1.0)
+            one_minus = one_minus.masked_fill(deep.view(-1), 0.0)
+        ctx.saved_pairs = saved
+        ctx.tri_shape = tri.shape
+        ctx.save_for_backward(one_minus)
+        return cover.view(b, h, w)
+
+    @staticmethod
+    def backward(ctx, grad_cover):
+        (one_minus,) = ctx.saved_tensors
+        # dA / d(sum of log(1 - D)) = -(1 - A) at every pixel.
+        g_log = -(grad_cover.reshape(-1) * one_minus)
+        grad = one_minus.new_zeros(math.prod(ctx.tri_shape[:2]), 6)
+        for fi, pix, dlog in ctx.saved_pairs:
+            g = g_log.index_select(0, pix.long()).view(dlog.shape[0], 1, -1)
+            grad[fi] = (dlog * g).sum(-1)
+        grad = grad.view(*ctx.tri_shape[:2], 2, 3).transpose(-1, -2)
+        return grad, None, None, None, None, None, None, None
+
+
+def soft_silhouette(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    camera: PinholeCamera,
+    image_size: int | tuple[int, int],
+    cam_t: torch.Tensor | None = None,
+    sigma: float = DEFAULT_SIGMA,
+    cutoff: float = DEFAULT_CUTOFF,
+    interior: str = "hard",
+    max_pairs: int = MAX_PAIRS,
+) -> torch.Tensor:
+    """Differentiable SoftRas silhouette (see the module docstring) -> (B, H, W) in [0, 1].
+
+    vertices (B, V, 3) in camera coordinates (x right, y down, z forward), or in model
+    coordinates plus ``cam_t`` (B, 3); faces (F, 3) int; ``camera`` B pinhole cameras;
+    ``image_size`` int or (H, W); ``sigma`` px^2; ``cutoff`` the skipped-pair bound c;
+    ``interior`` "hard" (fast, deep interior = 1) or "soft" (exact SoftRas everywhere).
+    Gradients flow to ``vertices`` and ``cam_t`` (and through them to pose, shape, camera).
+    """
+    if sigma <= 0:
+        raise JregfixError(f"sigma must be > 0 px^2, got {sigma}")
+    if interior not in ("hard", "soft"):
+        raise JregfixError(f"interior must be 'hard' or 'soft', got {interior!r}")
+    h, w = image_hw(image_size)
+    margin = blur_margin(sigma, cutoff)
+    tri, valid = screen_triangles(vertices, faces, camera, cam_t)
+    deep = None
+    if interior == "hard":
+        mask = _hard_from_triangles(tri.detach(), valid, h, w, max_pairs)
+        deep = _erode(mask, math.ceil(margin) + 1)
+    return _SoftCoverage.apply(tri, valid, h, w, float(sigma), margin, deep, max_pairs)
+
+
+def _hard_from_triangles(
+    tri: torch.Tensor, valid: torch.Tensor, h: int, w: int, max_pairs: int
+) -> torch.Tensor:
+    """Pixels whose centre lies in at least one valid triangle -> (B, H, W) bool."""
+    b, f = valid.shape
+    x0, y0, nx, ny = pixel_ranges(tri, valid, h, w, 0.0)
+    flat = tri.reshape(-1, 3, 2)
+    px0 = x0.reshape(-1).to(tri.dtype) + 0.5
+    py0 = y0.reshape(-1).to(tri.dtype) + 0.5
+    hits = tri.new_zeros(b * h * w)
+    for fi, ox, oy in box_groups(nx, ny, max_pairs):
+        hit = inside_grid(flat[fi], px0[fi, None] + ox.to(tri.dtype),
+                          py0[fi, None] + oy.to(tri.dtype))
+        # Counting hits with a float scatter-add is cheaper than boolean indexing.
+        hits.scatter_add_(0, box_pixels(fi, ox, oy, x0, y0, f, h, w).view(-1),
+                          hit.view(-1).to(tri.dtype))
+    mask = hits > 0
+    return mask.view(b, h, w)
+
+
+@torch.no_grad()
+def hard_silhouette(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    camera: PinholeCamera,
+    image_size: int | tuple[int, int],
+    cam_t: torch.Tensor | None = None,
+    max_pairs: int = MAX_PAIRS,
+) -> torch.Tensor:
+    """Binary silhouette (B, H, W) bool: pixel centres covered by any projected face.
+
+    Same inputs as :func:`soft_silhouette`; no gradient. Centres exactly on an edge count as
+    covered, so faces sharing an edge leave no cracks.
+    """
+    h, w = image_hw(image_size)
+    tri, valid = screen_triangles(vertices, faces, camera, cam_t)
+    return _hard_from_triangles(tri, valid, h, w, max_pairs)
