@@ -179,3 +179,23 @@ def test_discriminators_learn_to_separate_init_from_refined():
     x = fake.clone().requires_grad_()
     disc.generator_loss(x, fake_b).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_cli_refine_with_figures(world, smpl_pkl, tmp_path):
+    from PIL import Image
+
+    from jregfix.cli import main
+
+    out = tmp_path / "refined.npz"
+    code = main(["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
+                 "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
+                 "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
+                 "--iters", "2", "--batch-size", "4", "--image-size", str(SIZE),
+                 "--weights", "adversarial=0", "--save-figures", "2"])
+    assert code == 0
+    assert np.load(out)["pose"].shape == (N, 72)
+    assert Image.open(tmp_path / "refined_silhouettes.png").size[0] > SIZE
+    assert main(["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
+                 "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
+                 "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
+                 "--weights", "pose=1"]) == 1

@@ -65,6 +65,8 @@ def refine_command(
     force: bool = typer.Option(False, "--force", help="Accept a regressor fitted on refined "
                                "meshes (normally refused to avoid drift)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    save_figures: int = typer.Option(0, "--save-figures", help="Write a PNG with N frames: mask, "
+                                     "initial and refined silhouettes (beside --out)."),
 ) -> None:
     """Refine SPIN's fits into pseudo ground truth (resumable: re-run the same command)."""
     from jregfix.body.smpl import SMPLBody
@@ -75,6 +77,12 @@ def refine_command(
     body = SMPLBody(smpl).to(device)
     run_refine(init, gt, silhouettes, body, joint_regressor, out, config, smpl,
                parse_shard(shard), force, device)
+    if save_figures > 0:
+        from jregfix.stages.figures import silhouette_figure
+
+        figure = out.with_name(out.stem + "_silhouettes.png")
+        silhouette_figure(figure, body, init, out, silhouettes, image_size, save_figures)
+        console.print(f"figure: {figure}")
 
 
 def run_refine(init, gt, silhouettes, body, joint_regressor, out, config, body_file, shard,
