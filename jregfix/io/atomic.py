@@ -1,4 +1,7 @@
-"""Atomic file writes and content hashes: a failed stage never leaves a partial output file."""
+"""Atomic file writes, safe npz reads and content hashes.
+
+A failed stage never leaves a partial output file; npz files are read without pickle.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from jregfix.errors import JregfixError
 
 
 @contextlib.contextmanager
@@ -58,3 +64,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_npz(path: str | os.PathLike, what: str = "npz file") -> dict[str, np.ndarray]:
+    """All arrays of an npz (no pickled objects); a missing or broken file is a JregfixError."""
+    path = Path(path)
+    if not path.is_file():
+        raise JregfixError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise JregfixError(f"{path}: not a readable {what} ({exc})") from None

@@ -8,13 +8,13 @@ confidence in SPIN's J24 order, and optionally ``part`` (N,24,3) and ``openpose`
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from jregfix.errors import JregfixError
+from jregfix.io.atomic import read_npz
 
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 TEST_SUBJECTS = ("S9", "S11")
@@ -108,13 +108,7 @@ class H36MData:
 def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
     """Read and validate a SPIN-format Human3.6M npz (see module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise JregfixError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
+    arrays = read_npz(path, "Human3.6M npz")
     required = ["imgname", "center", "scale"] + (["S"] if require_3d else [])
     missing = [k for k in required if k not in arrays]
     if missing:

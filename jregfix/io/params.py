@@ -7,13 +7,13 @@ Keys: ``pose`` (N,72) axis-angle and/or ``pred_rotmat``/``rotmat`` (N,24,3,3) an
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jregfix.errors import JregfixError
+from jregfix.io.atomic import read_npz
 
 POSE_KEYS = ("pred_rotmat", "rotmat", "pose", "pose_6d")
 
@@ -44,17 +44,6 @@ class BodyParams:
 
         return BodyParams(pick(self.pose), pick(self.betas), pick(self.camera),
                           pick(self.cam_t), pick(self.vertices), pick(self.imgname), self.path)
-
-
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise JregfixError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
 
 
 def params_from_arrays(arrays: dict, path: str = "", num_joints: int = 24,

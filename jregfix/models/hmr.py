@@ -17,6 +17,7 @@ from torch import nn
 
 from jregfix.body.rotations import rot6d_to_rotmat
 from jregfix.errors import JregfixError
+from jregfix.io.atomic import read_npz
 
 IMG_RES = 224
 IMG_NORM_MEAN = (0.485, 0.456, 0.406)
@@ -98,13 +99,7 @@ def normalize_images(crops: torch.Tensor) -> torch.Tensor:
 def load_mean_params(path: str | Path) -> dict[str, torch.Tensor]:
     """smpl_mean_params.npz -> {'init_pose' (1,144), 'init_shape' (1,10), 'init_cam' (1,3)}."""
     path = Path(path)
-    if not path.is_file():
-        raise JregfixError(f"{path}: no such file (SPIN's data/smpl_mean_params.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as exc:
-        raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
+    arrays = read_npz(path, "mean-parameter file (SPIN's data/smpl_mean_params.npz)")
     out = {}
     for key, buf, size in (("pose", "init_pose", 144), ("shape", "init_shape", 10),
                            ("cam", "init_cam", 3)):

@@ -67,7 +67,7 @@ from jregfix.body.base import BodyModel, fit_betas
 from jregfix.body.rotations import pose_to_rotmat
 from jregfix.errors import JregfixError
 from jregfix.geometry.nnls import BlockGramHessian, solve_nnls
-from jregfix.io.atomic import save_npz, sha256_file, write_json
+from jregfix.io.atomic import read_npz, save_npz, sha256_file, write_json
 from jregfix.io.h36m import H36M17_NAMES, TEST_SUBJECTS, TRAIN_SUBJECTS, load_h36m, subject_mask
 from jregfix.io.manifest import manifest_path, read_manifest, stage_record, versions
 from jregfix.io.params import BodyParams, load_params
@@ -630,11 +630,8 @@ def _fingerprint(meta: dict) -> dict:
 
 def _load_part(path) -> tuple[dict, Accumulator, list[np.ndarray]]:
     path = Path(path)
-    if not path.is_file():
-        raise JregfixError(f"{path}: shard file not found")
+    arrays = read_npz(path, "fit-regressor shard file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays["meta"]))
         acc = Accumulator(arrays["vertices"], arrays["gram"], arrays["cross"],
                           arrays["joints_gram"], int(arrays["frames"]), bool(arrays["centred"]))
