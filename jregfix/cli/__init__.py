@@ -4,4 +4,13 @@ from jregfix.cli.app import app, main
 
 __all__ = ["app", "main"]
 
-from jregfix.cli import evaluate, regressors  # noqa: E402,F401  (registers commands)
+from jregfix.cli import (  # noqa: E402,F401  (registers commands)
+    demo,
+    evaluate,
+    fit_regressor,
+    refine,
+    regressors,
+    run,
+    silhouettes,
+    spin,
+)

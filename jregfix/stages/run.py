@@ -1,0 +1,370 @@
+"""`run`: the whole pipeline over one run directory, stage by stage, resumable.
+
+Stages, in order (each writes into ``run_dir``):
+
+1. ``init``: the SPIN(-like) estimate of the training frames: ``init.given`` (a params npz) or
+   ``init.spin`` (``{images, checkpoint, mean_params}``: the `spin` stage -> ``spin.npz``).
+2. ``masks``: ``silhouettes.given`` (a silhouettes npz) or ``silhouettes.images`` (the
+   `silhouettes` stage -> ``silhouettes.npz``).
+3. ``fit_J_spin``: `fit-regressor` on the init meshes vs the train GT -> ``J_spin.npy``.
+4. ``refine``: `refine` of the train frames with J_spin and the masks -> ``refined.npz``.
+5. ``fit_J_opt``: `fit-regressor` on the refined meshes -> ``J_opt.npy``.
+6. ``evaluate``: every method of ``evaluate.methods`` on the test GT under ``evaluate.regressors``
+   (e.g. standard, oracle) plus J_spin and J_opt -> ``evaluate.json`` (Table I).
+7. ``figures``: PNGs under ``figures/`` (:mod:`jregfix.stages.figures`).
+
+``run_dir/manifest.json`` records, per stage, the inputs (sha256), the stage's config, the seed
+and the outputs (sha256). A stage whose record equals the stored one and whose outputs are
+unchanged is skipped; an interrupted `refine` resumes from its last finished chunk (its own
+chunk store). The resolved config (defaults filled in, paths absolute) is saved as
+``run_dir/config.json``. A config is a dict, or a ``.json`` / ``.toml`` file whose relative
+paths are relative to the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from jregfix.errors import JregfixError
+from jregfix.io.atomic import sha256_file, write_json
+from jregfix.io.manifest import fingerprint, stage_record, versions
+
+DEFAULTS: dict = {
+    "run_dir": "run",
+    "seed": 0,
+    "body": {"model": "anny", "cache_dir": None, "smpl": None},
+    "gt": {"train": None, "test": None},
+    "init": {"given": None, "spin": None},
+    "silhouettes": {"given": None, "images": None},
+    "fit_regressor": {"support": "knn:128", "sum_to_one_weight": 1.0, "chunk_size": 128},
+    "refine": {"iters": 100, "lr": 1e-2, "batch_size": 16, "image_size": 224, "sigma": 1.0,
+               "weights": {}, "silhouette_loss": "soft"},
+    "evaluate": {"joints": 17, "protocol": "p1", "methods": [], "regressors": {}},
+    "figures": {"enabled": True, "frames": 4, "params": None},
+}
+PATH_KEYS = (("gt", "train"), ("gt", "test"), ("init", "given"), ("silhouettes", "given"),
+             ("silhouettes", "images"), ("body", "cache_dir"), ("body", "smpl"),
+             ("figures", "params"))
+STAGES = ("init", "masks", "fit_J_spin", "refine", "fit_J_opt", "evaluate", "figures")
+Say = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _merge(base: dict, over: Mapping, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in base:
+            raise JregfixError(f"config: unknown key '{where}{key}'; known: {sorted(base)}")
+        if isinstance(base[key], dict) and base[key] and isinstance(value, Mapping) and \
+                key not in ("regressors", "weights"):
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix != ".toml":
+        return json.loads(text)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise JregfixError(f"{path}: TOML configs need Python >= 3.11; use JSON") from None
+    return tomllib.loads(text)
+
+
+def load_config(config: str | Path | Mapping) -> dict:
+    """Read (if a path) and resolve a run config: defaults filled in, paths made absolute."""
+    root = Path.cwd()
+    if not isinstance(config, Mapping):
+        path = Path(config)
+        if not path.is_file():
+            raise JregfixError(f"{path}: no such config file")
+        try:
+            raw = _parse(path)
+        except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+            raise JregfixError(f"{path}: not a valid {path.suffix or 'JSON'} config ({exc})") \
+                from None
+        root = path.resolve().parent
+        config = raw
+    cfg = _merge(DEFAULTS, config)
+
+    def absolute(p):
+        return None if p in (None, "") else str((root / Path(p)).resolve())
+
+    cfg["run_dir"] = absolute(cfg["run_dir"])
+    for a, b in PATH_KEYS:
+        cfg[a][b] = absolute(cfg[a][b])
+    if cfg["init"]["spin"]:
+        cfg["init"]["spin"] = {k: absolute(v) for k, v in cfg["init"]["spin"].items()}
+    for m in cfg["evaluate"]["methods"]:
+        if not {"method", "path"} <= set(m):
+            raise JregfixError(f"config: evaluate.methods entries need 'method' and 'path', "
+                               f"got {m}")
+        m["path"] = absolute(m["path"])
+        m.setdefault("label", m["method"])
+    cfg["evaluate"]["regressors"] = {k: absolute(v)
+                                     for k, v in cfg["evaluate"]["regressors"].items()}
+    for key in ("train", "test"):
+        if cfg["gt"][key] is None:
+            raise JregfixError(f"config: gt.{key} (a SPIN-format Human3.6M npz) is required")
+    if bool(cfg["init"]["given"]) == bool(cfg["init"]["spin"]):
+        raise JregfixError("config: give exactly one of init.given (params npz) or init.spin "
+                           "({images, checkpoint, mean_params})")
+    if bool(cfg["silhouettes"]["given"]) == bool(cfg["silhouettes"]["images"]):
+        raise JregfixError("config: give exactly one of silhouettes.given (masks npz) or "
+                           "silhouettes.images (an image folder for the silhouettes stage)")
+    if not cfg["evaluate"]["methods"]:
+        raise JregfixError("config: evaluate.methods is empty (list of {label, method, path})")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+class RunManifest:
+    """``run_dir/manifest.json``: per stage, the record it ran with and its outputs' hashes."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        self.path = run_dir / "manifest.json"
+        self.doc = {"stages": {}}
+        if self.path.is_file():
+            try:
+                self.doc = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                pass
+        self.doc.setdefault("stages", {})
+        self.doc["config"] = config
+        self.doc["versions"] = versions()
+
+    def current(self, name: str, record: dict, outputs: Mapping[str, Path]) -> bool:
+        entry = self.doc["stages"].get(name)
+        if entry is None or fingerprint(entry) != fingerprint(record):
+            return False
+        stored = entry.get("outputs", {})
+        return set(stored) == set(outputs) and all(
+            Path(p).is_file() and sha256_file(p) == stored[k] for k, p in outputs.items())
+
+    def done(self, name: str, record: dict, outputs: Mapping[str, Path], seconds: float,
+             extra: Mapping | None = None) -> None:
+        entry = dict(record)
+        entry["outputs"] = {k: sha256_file(p) for k, p in outputs.items()}
+        entry["seconds"] = round(seconds, 2)
+        entry["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if extra:
+            entry["summary"] = json.loads(json.dumps(extra, default=float))
+        self.doc["stages"][name] = entry
+        write_json(self.path, self.doc)
+
+
+# ----------------------------------------------------------------------------- body
+
+
+def load_body(spec: Mapping, say: Say | None = None):
+    """The body model named by ``config['body']`` (anny, or smpl with a model file)."""
+    import torch
+
+    if spec["model"] == "anny":
+        from jregfix.body.anny import AnnyBody
+
+        return AnnyBody(cache_dir=spec.get("cache_dir"), say=say)
+    if spec["model"] == "smpl":
+        if not spec.get("smpl"):
+            raise JregfixError("config: body.model = 'smpl' needs body.smpl (a model file)")
+        from jregfix.body.smpl import SMPLBody
+
+        return SMPLBody(spec["smpl"]).to(torch.float32)
+    raise JregfixError(f"config: body.model must be 'anny' or 'smpl', got {spec['model']!r}")
+
+
+def rest_candidates(body, support: str) -> list[np.ndarray] | None:
+    """Regressor supports around the body's rest joints when it has anatomical joints (Anny);
+    None lets fit-regressor's pilot fit place them (SMPL)."""
+    if not hasattr(body, "h36m_joints"):
+        return None
+    from jregfix.stages.world import rest_joint_candidates
+
+    return rest_joint_candidates(body, support)
+
+
+def fit_stage_regressor(body, params: str | Path, gt: str | Path, out: Path, cfg: dict,
+                        params_stage: str) -> dict:
+    """fit-regressor on ``params`` meshes vs ``gt`` (all of its subjects: the train file)."""
+    from jregfix.io.h36m import TEST_SUBJECTS, load_h36m
+    from jregfix.io.params import load_params
+    from jregfix.io.regressors import save_regressor
+    from jregfix.stages.fit_regressor import BodyMeshes, FitConfig, fit_regressor
+
+    data = load_h36m(gt)
+    p = load_params(params)
+    if len(p) != len(data):
+        raise JregfixError(f"{params} has {len(p)} rows but {gt} has {len(data)}")
+    leaked = sorted(set(data.subjects) & set(TEST_SUBJECTS))
+    if leaked:
+        raise JregfixError(f"{gt}: holds test subjects {leaked}; regressors are fitted on "
+                           "training subjects only")
+    fc = cfg["fit_regressor"]
+    config = FitConfig(support=fc["support"], sum_to_one_weight=fc["sum_to_one_weight"],
+                       chunk_size=fc["chunk_size"])
+    source = BodyMeshes(body, p.pose, p.betas)
+    sol, support = fit_regressor(source, data.joints17(), body.template.double().numpy(),
+                                 config, candidates=rest_candidates(body, fc["support"]))
+    d = sol.diagnostics
+    save_regressor(out, sol.regressor, {
+        "stage": "fit-regressor", "params_stage": params_stage,
+        "inputs": {"params": {"path": str(Path(params).resolve()), "sha256": sha256_file(params)},
+                   "gt": {"path": str(Path(gt).resolve()), "sha256": sha256_file(gt)}},
+        "config": asdict(config), "body": body.name, "subjects": sorted(set(data.subjects)),
+        "support_locations": support.source, "result": d})
+    return {"frames": d["frames"], "rms_mm": d["rms_mm_all_joints"],
+            "converged": d["converged"]}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config: str | Path | Mapping, say: Say | None = None,
+        refine_progress: Callable[[int, dict], None] | None = None, body=None) -> dict:
+    """Run (or resume) every stage; returns {config, stages: {name: status}, evaluate, ...}."""
+    say = say or (lambda _m: None)
+    cfg = load_config(config)
+    run_dir = Path(cfg["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg)
+    manifest = RunManifest(run_dir, cfg)
+    seed = cfg["seed"]
+    status: dict[str, str] = {}
+    summaries: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    gt_train, gt_test = cfg["gt"]["train"], cfg["gt"]["test"]
+
+    def get_body():
+        nonlocal body
+        if body is None:
+            body = load_body(cfg["body"], say)
+        return body
+
+    def stage(name, inputs, stage_cfg, outputs, fn):
+        record = stage_record(name, inputs, {**stage_cfg, "body": cfg["body"]["model"]}, seed)
+        if manifest.current(name, record, outputs):
+            status[name] = "current (skipped)"
+            summaries[name] = manifest.doc["stages"][name].get("summary", {})
+            say(f"stage {name}: current, skipped")
+            return
+        say(f"stage {name}: running")
+        t0 = time.perf_counter()
+        summary = fn() or {}
+        timings[name] = time.perf_counter() - t0
+        manifest.done(name, record, outputs, timings[name], summary)
+        status[name] = f"done in {timings[name]:.1f} s"
+        summaries[name] = summary
+        say(f"stage {name}: done in {timings[name]:.1f} s")
+
+    # 1-2: init and masks
+    if cfg["init"]["given"]:
+        init = Path(cfg["init"]["given"])
+        stage("init", {"init": init}, {"source": "given"}, {"init": init}, lambda: None)
+    else:
+        from jregfix.stages.spin import SpinConfig, run_spin
+
+        sp = cfg["init"]["spin"]
+        init = run_dir / "spin.npz"
+        stage("init", {"gt": gt_train, "checkpoint": sp.get("checkpoint")},
+              {"source": "spin", **sp}, {"init": init},
+              lambda: {"frames": run_spin(gt_train, sp["images"], sp["checkpoint"],
+                                          sp.get("mean_params"), init, SpinConfig()).frames})
+    if cfg["silhouettes"]["given"]:
+        masks = Path(cfg["silhouettes"]["given"])
+        stage("masks", {"masks": masks}, {"source": "given"}, {"masks": masks}, lambda: None)
+    else:
+        from jregfix.stages.silhouettes import SilhouetteConfig, run_silhouettes
+
+        masks = run_dir / "silhouettes.npz"
+        images = cfg["silhouettes"]["images"]
+        stage("masks", {"gt": gt_train}, {"source": "silhouettes", "images": images},
+              {"masks": masks},
+              lambda: {"frames": run_silhouettes(gt_train, images, masks,
+                                                 SilhouetteConfig()).frames})
+
+    # 3: J_spin
+    j_spin = run_dir / "J_spin.npy"
+    stage("fit_J_spin", {"params": init, "gt": gt_train}, cfg["fit_regressor"],
+          {"J_spin": j_spin},
+          lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg, "spin"))
+
+    # 4: refine
+    from jregfix.stages.refine import RefineConfig, refine
+
+    rc = RefineConfig(**cfg["refine"], seed=seed)
+    refined = run_dir / "refined.npz"
+    stage("refine", {"init": init, "gt": gt_train, "silhouettes": masks, "J_spin": j_spin},
+          cfg["refine"], {"refined": refined},
+          lambda: refine(init, gt_train, masks, get_body(), j_spin, refined, rc,
+                         progress=refine_progress))
+
+    # 5: J_opt
+    j_opt = run_dir / "J_opt.npy"
+    stage("fit_J_opt", {"params": refined, "gt": gt_train}, cfg["fit_regressor"],
+          {"J_opt": j_opt},
+          lambda: fit_stage_regressor(get_body(), refined, gt_train, j_opt, cfg, "refine"))
+
+    # 6: evaluate
+    ev = cfg["evaluate"]
+    regs = dict(ev["regressors"])
+    regs.setdefault("standard", None)
+    regs = {k: v for k, v in regs.items() if v is not None}
+    ordered = {}
+    for name in ("standard",):
+        if name in regs:
+            ordered[name] = regs.pop(name)
+    ordered |= {"J_spin": str(j_spin), "J_opt": str(j_opt)} | regs
+    evaluation = run_dir / "evaluate.json"
+
+    def do_evaluate():
+        from jregfix.stages.evaluate import evaluate
+
+        doc = evaluate([(m["method"], m["path"]) for m in ev["methods"]], gt_test, ordered,
+                       body=get_body(), protocol=ev["protocol"], joints=ev["joints"],
+                       chunk_size=64, json_out=evaluation)
+        return {"rows": len(doc["results"])}
+
+    inputs = {"gt": gt_test, **{f"method:{m['label']}": m["path"] for m in ev["methods"]},
+              **{f"regressor:{k}": v for k, v in ordered.items()}}
+    stage("evaluate", inputs, {k: v for k, v in ev.items() if k != "regressors"},
+          {"evaluate": evaluation}, do_evaluate)
+    doc = json.loads(evaluation.read_text())
+    labels = {m["method"]: m["label"] for m in ev["methods"]}
+
+    # 7: figures
+    if cfg["figures"]["enabled"]:
+        from jregfix.stages import figures
+
+        fig_dir = run_dir / "figures"
+        outs = {k: fig_dir / f"{k}.png" for k in figures.FIGURES}
+        fc = cfg["figures"]
+        stage("figures", {"refined": refined, "init": init, "masks": masks,
+                          "evaluate": evaluation, "gt_test": gt_test, "params": fc["params"]},
+              fc, outs,
+              lambda: figures.make_figures(fig_dir, get_body(), init, refined, masks, gt_test,
+                                           ev["methods"], ordered, doc, rc.image_size,
+                                           fc["frames"], fc["params"]))
+    return {"config": cfg, "run_dir": str(run_dir), "stages": status, "summaries": summaries,
+            "timings": timings, "evaluate": doc, "labels": labels}
+
+
+def relabel(doc: dict, labels: Mapping[str, str]) -> dict:
+    """A copy of an evaluate document with method keys replaced by display labels."""
+    out = copy.deepcopy(doc)
+    for r in out["results"]:
+        r["method"] = labels.get(r["method"], r["method"])
+    return out
