@@ -468,16 +468,20 @@ class Inputs:
     subjects: dict
     record: dict
     init_regressor: np.ndarray | None
+    candidates: list[np.ndarray] | None = None
 
 
 def load_inputs(params: str | Path, gt: str | Path, smpl: str | Path | None, out: str | Path,
                 config: FitConfig, subjects: list[str] | None = None,
                 allow_test_subjects: bool = False,
-                init_regressor: str | Path | None = None) -> Inputs:
+                init_regressor: str | Path | None = None, body: BodyModel | None = None,
+                candidates: list[np.ndarray] | None = None) -> Inputs:
     """Read GT and params, check row alignment, select subjects, guard against leakage.
 
-    Meshes: posed by the SMPL model ``smpl`` from the params' pose and betas, else the params'
-    own ``vertices`` (then the first frame's mesh stands in for the template of the support).
+    Meshes: posed by ``body`` (any BodyModel, e.g. Anny) or the SMPL model file ``smpl`` from
+    the params' pose and betas, else the params' own ``vertices`` (then the first frame's mesh
+    stands in for the template of the support). ``candidates``: per-joint vertex supports that
+    replace the pilot fit (e.g. around a body model's anatomical joints).
     """
     config.validate()
     chosen = list(subjects) if subjects else list(TRAIN_SUBJECTS)
@@ -495,12 +499,12 @@ def load_inputs(params: str | Path, gt: str | Path, smpl: str | Path | None, out
     mask = subject_mask(data, chosen)
     if not mask.any():
         raise JregfixError(f"{gt}: no frames of subjects {chosen}")
-    template, model = None, None
-    if smpl is not None:
+    model = body
+    if model is None and smpl is not None:
         from jregfix.body.smpl import SMPLBody
 
         model = SMPLBody(smpl)
-        template = model.template.detach().double().numpy()
+    template = None if model is None else model.template.detach().double().numpy()
     if body_params.pose is not None and model is not None:
         source: MeshSource = BodyMeshes(model, body_params.pose, body_params.betas)
     elif body_params.vertices is not None:
@@ -517,9 +521,11 @@ def load_inputs(params: str | Path, gt: str | Path, smpl: str | Path | None, out
     names, counts = np.unique(data.subjects[index], return_counts=True)
     record = stage_record("fit-regressor", {"params": params, "gt": gt, "smpl": smpl,
                                             "init_regressor": init_regressor},
-                          {**asdict(config), "subjects": chosen})
+                          {**asdict(config), "subjects": chosen,
+                           "body": getattr(model, "name", None)})
     return Inputs(source, data.joints17(), template, index,
-                  {str(n): int(c) for n, c in zip(names, counts, strict=True)}, record, init)
+                  {str(n): int(c) for n, c in zip(names, counts, strict=True)}, record, init,
+                  candidates)
 
 
 def _guard_meshes_not_from(params: str | Path, out: str | Path) -> None:
@@ -556,7 +562,8 @@ def run_fit(inputs: Inputs, out: str | Path, config: FitConfig,
             progress: Progress | None = None) -> dict:
     """Fit on all selected frames and write the regressor, provenance and report."""
     sol, support = fit_regressor(inputs.source, inputs.joints, inputs.template, config,
-                                 inputs.index, inputs.init_regressor, progress=progress)
+                                 inputs.index, inputs.init_regressor, inputs.candidates,
+                                 progress=progress)
     report = _report(inputs.record, config, sol, support.source, inputs.subjects)
     _write_outputs(out, sol.regressor, report, report_path)
     return report

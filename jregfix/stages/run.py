@@ -27,7 +27,6 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -197,35 +196,16 @@ def rest_candidates(body, support: str) -> list[np.ndarray] | None:
     return rest_joint_candidates(body, support)
 
 
-def fit_stage_regressor(body, params: str | Path, gt: str | Path, out: Path, cfg: dict,
-                        params_stage: str) -> dict:
-    """fit-regressor on ``params`` meshes vs ``gt`` (all of its subjects: the train file)."""
-    from jregfix.io.h36m import TEST_SUBJECTS, load_h36m
-    from jregfix.io.params import load_params
-    from jregfix.io.regressors import save_regressor
-    from jregfix.stages.fit_regressor import BodyMeshes, FitConfig, fit_regressor
+def fit_stage_regressor(body, params: str | Path, gt: str | Path, out: Path, cfg: dict) -> dict:
+    """fit-regressor on ``params`` meshes vs ``gt`` (training subjects only)."""
+    from jregfix.stages.fit_regressor import FitConfig, load_inputs, run_fit
 
-    data = load_h36m(gt)
-    p = load_params(params)
-    if len(p) != len(data):
-        raise JregfixError(f"{params} has {len(p)} rows but {gt} has {len(data)}")
-    leaked = sorted(set(data.subjects) & set(TEST_SUBJECTS))
-    if leaked:
-        raise JregfixError(f"{gt}: holds test subjects {leaked}; regressors are fitted on "
-                           "training subjects only")
     fc = cfg["fit_regressor"]
     config = FitConfig(support=fc["support"], sum_to_one_weight=fc["sum_to_one_weight"],
                        chunk_size=fc["chunk_size"])
-    source = BodyMeshes(body, p.pose, p.betas)
-    sol, support = fit_regressor(source, data.joints17(), body.template.double().numpy(),
-                                 config, candidates=rest_candidates(body, fc["support"]))
-    d = sol.diagnostics
-    save_regressor(out, sol.regressor, {
-        "stage": "fit-regressor", "params_stage": params_stage,
-        "inputs": {"params": {"path": str(Path(params).resolve()), "sha256": sha256_file(params)},
-                   "gt": {"path": str(Path(gt).resolve()), "sha256": sha256_file(gt)}},
-        "config": asdict(config), "body": body.name, "subjects": sorted(set(data.subjects)),
-        "support_locations": support.source, "result": d})
+    inputs = load_inputs(params, gt, None, out, config, body=body,
+                         candidates=rest_candidates(body, fc["support"]))
+    d = run_fit(inputs, out, config)["result"]
     return {"frames": d["frames"], "rms_mm": d["rms_mm_all_joints"],
             "converged": d["converged"]}
 
@@ -300,7 +280,7 @@ def run(config: str | Path | Mapping, say: Say | None = None,
     j_spin = run_dir / "J_spin.npy"
     stage("fit_J_spin", {"params": init, "gt": gt_train}, cfg["fit_regressor"],
           {"J_spin": j_spin},
-          lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg, "spin"))
+          lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg))
 
     # 4: refine
     from jregfix.stages.refine import RefineConfig, refine
@@ -316,7 +296,7 @@ def run(config: str | Path | Mapping, say: Say | None = None,
     j_opt = run_dir / "J_opt.npy"
     stage("fit_J_opt", {"params": refined, "gt": gt_train}, cfg["fit_regressor"],
           {"J_opt": j_opt},
-          lambda: fit_stage_regressor(get_body(), refined, gt_train, j_opt, cfg, "refine"))
+          lambda: fit_stage_regressor(get_body(), refined, gt_train, j_opt, cfg))
 
     # 6: evaluate
     ev = cfg["evaluate"]
