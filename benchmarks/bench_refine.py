@@ -87,7 +87,8 @@ def main() -> None:
     v_fixed = verts.detach().requires_grad_()
 
     def render_step():
-        soft_silhouette(v_fixed, body.faces, cam, size, cam_t=ct).sum().backward()
+        soft_silhouette(v_fixed, body.faces, cam, size, cam_t=ct,
+                        sigma=config.sigma).sum().backward()
 
     def disc_step():
         disc.generator_loss(p6, bt).sum().backward()
