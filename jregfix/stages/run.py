@@ -27,6 +27,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import sha256_file, write_json
 from jregfix.io.manifest import fingerprint, stage_record, versions
+from jregfix.stages.refine import RefineConfig
 
 DEFAULTS: dict = {
     "run_dir": "run",
@@ -43,8 +45,7 @@ DEFAULTS: dict = {
     "init": {"given": None, "spin": None},
     "silhouettes": {"given": None, "images": None},
     "fit_regressor": {"support": "knn:128", "sum_to_one_weight": 1.0, "chunk_size": 128},
-    "refine": {"iters": 100, "lr": 1e-2, "batch_size": 16, "image_size": 224, "sigma": 1.0,
-               "weights": {}, "silhouette_loss": "soft"},
+    "refine": {k: v for k, v in asdict(RefineConfig()).items() if k != "seed"},
     "evaluate": {"joints": 17, "protocol": "p1", "methods": [], "regressors": {}},
     "figures": {"enabled": True, "frames": 4, "params": None},
 }
@@ -283,7 +284,7 @@ def run(config: str | Path | Mapping, say: Say | None = None,
           lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg))
 
     # 4: refine
-    from jregfix.stages.refine import RefineConfig, refine
+    from jregfix.stages.refine import refine
 
     rc = RefineConfig(**cfg["refine"], seed=seed)
     refined = run_dir / "refined.npz"
