@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_h36m import write_fake_h36m  # noqa: E402
 
 
 def timed(fn):
@@ -73,14 +75,7 @@ def main(n: int = 4, batch: int = 2) -> None:
     model = build_maskrcnn(random_seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "images").mkdir()
-        names = [f"images/S9_Walking_1.60457274_{5 * i + 1:06d}.jpg" for i in range(n)]
-        for name in names:
-            small = rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((1000, 1002), Image.Resampling.BICUBIC).save(
-                tmp / name, quality=90)
-        np.savez(tmp / "gt.npz", imgname=np.array(names),
-                 center=rng.uniform(400, 600, (n, 2)), scale=rng.uniform(3.0, 4.5, n))
+        names = write_fake_h36m(tmp, n, rng)
         image, t_read = timed(lambda: read_image(tmp / names[0]))
         breakdown(model, image)  # warm-up
         parts = breakdown(model, image)

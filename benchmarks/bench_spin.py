@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_h36m import write_fake_h36m  # noqa: E402
 
 
 def main(n: int = 48, batch: int = 16) -> None:
@@ -28,14 +30,7 @@ def main(n: int = 48, batch: int = 16) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "images").mkdir()
-        names = [f"images/S9_Walking_1.60457274_{5 * i + 1:06d}.jpg" for i in range(n)]
-        for name in names:
-            small = rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((1000, 1002), Image.Resampling.BICUBIC).save(
-                tmp / name, quality=90)
-        np.savez(tmp / "gt.npz", imgname=np.array(names),
-                 center=rng.uniform(400, 600, (n, 2)), scale=rng.uniform(3.0, 4.5, n))
+        write_fake_h36m(tmp, n, rng)
         torch.save({"model": HMR().state_dict()}, tmp / "ckpt.pt")
         np.savez(tmp / "mean.npz", pose=np.zeros(144, np.float32), shape=np.zeros(10, np.float32),
                  cam=np.array([0.9, 0, 0], np.float32))

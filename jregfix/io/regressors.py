@@ -8,7 +8,6 @@ in ``<file>.json`` beside it.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import save_npy, save_npz, sha256_file, write_json
+from jregfix.io.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -157,13 +157,7 @@ def provenance_path(path: str | Path) -> Path:
 
 
 def load_provenance(path: str | Path) -> dict | None:
-    p = provenance_path(path)
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
+    return read_manifest(provenance_path(path))
 
 
 def cached_raw_path(name: str) -> Path:
