@@ -106,6 +106,15 @@ def test_resume_after_a_kill_gives_the_same_bytes(world, smpl_body, tmp_path):
     assert summary["resumed_from_chunk"] == 2
     assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
 
+    # killed after a chunk was saved but before any discriminator state: start over, same bytes
+    calls["chunks"] = 0
+    (tmp_path / "resumed.npz").unlink()
+    with pytest.raises(Killed):
+        refine(*args, progress=killer)
+    (tmp_path / "resumed.npz.chunks" / "discriminators.pt").unlink()
+    assert refine(*args)["resumed_from_chunk"] == 0
+    assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
+
 
 def test_bad_inputs(world, smpl_body, tmp_path):
     names = np.load(world / "gt.npz")["imgname"]

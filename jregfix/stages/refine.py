@@ -54,7 +54,7 @@ from jregfix.body.rotations import (
 )
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import FOCAL_LENGTH, PinholeCamera, weak_to_cam_t
-from jregfix.io.atomic import save_npz
+from jregfix.io.atomic import atomic_path, save_npz
 from jregfix.io.h36m import load_h36m
 from jregfix.io.manifest import (
     ChunkStore,
@@ -364,11 +364,13 @@ def refine(
     resume_from = 0
     while resume_from < len(ranges) and store.done(resume_from):
         resume_from += 1
+    disc_file = store.directory / "discriminators.pt"
+    if resume_from and not disc_file.is_file():  # killed before the first D state was saved
+        resume_from = 0
     if resume_from:
-        state = torch.load(store.directory / "discriminators.pt", map_location=dev,
-                           weights_only=True)
-        if state["after_chunk"] != resume_from - 1:  # D state and chunks disagree: redo
-            resume_from = state["after_chunk"] + 1
+        state = torch.load(disc_file, map_location=dev, weights_only=True)
+        # a kill between a chunk and its D state: redo the chunks after the saved D state
+        resume_from = min(resume_from, state["after_chunk"] + 1)
         disc.load_full_state(state["disc"])
     j_t = torch.from_numpy(j_reg).to(dev, dtype)
     gt_joints = gtd.joints17()
@@ -398,9 +400,7 @@ def refine(
         res.pop("weights")
         store.save(ci, rows=idx, **res)
         # the D state goes last: a kill between the two leaves a chunk that is simply redone
-        from jregfix.io.atomic import atomic_path
-
-        with atomic_path(store.directory / "discriminators.pt") as tmp:
+        with atomic_path(disc_file) as tmp:
             torch.save({"after_chunk": ci, "disc": disc.full_state()}, tmp)
         done_frames += len(idx)
         if progress is not None:
