@@ -220,3 +220,35 @@ def test_debug_shows_traceback(world, smpl_pkl, tmp_path):
         main(["--debug", "evaluate", "--method", "spin", "--predictions",
               str(tmp_path / "nope.npz"), "--gt", str(world["root"] / "gt.npz"),
               "--regressor", "t=x.npy"])
+
+
+def test_tracks_protocol5_and_truncated_files(world, tmp_path):
+    from jregfix.errors import JregfixError
+    from jregfix.io.tracks import load_tracks
+
+    tracks = {1: {"pose": world["pred_aa"].reshape(N, 72), "betas": world["pred_betas"],
+                  "frame_ids": np.arange(N)}}
+    data = pickle.dumps(tracks, protocol=5)
+    (tmp_path / "p5.pkl").write_bytes(data)
+    np.testing.assert_array_equal(load_tracks(tmp_path / "p5.pkl")[1]["betas"],
+                                  world["pred_betas"])
+    for cut in (7, len(data) // 2):
+        (tmp_path / "cut.pkl").write_bytes(data[:cut])
+        with pytest.raises(JregfixError):
+            load_tracks(tmp_path / "cut.pkl")
+
+
+def test_duplicate_methods_and_frames_are_refused(world, smpl_body, tmp_path):
+    from jregfix.errors import JregfixError
+
+    r = world["root"]
+    with pytest.raises(JregfixError, match="once"):
+        evaluate([("npz", r / "spin.npz"), ("npz", r / "spin.npz")], r / "gt.npz",
+                 {"t": r / "J_true.npy"}, body=smpl_body)
+    names = np.array(world["names"])
+    names[1] = names[0]
+    np.savez(tmp_path / "dup.npz", pose=world["pred_aa"].reshape(N, 72),
+             betas=world["pred_betas"], imgname=names)
+    with pytest.raises(JregfixError, match="more than once"):
+        evaluate([("npz", tmp_path / "dup.npz")], r / "gt.npz", {"t": r / "J_true.npy"},
+                 body=smpl_body)

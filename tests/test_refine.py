@@ -136,6 +136,11 @@ def test_bad_inputs(world, smpl_body, tmp_path):
         refine(tmp_path / "nan.npz", world / "gt.npz", world / "sil.npz", smpl_body,
                world / "J_spin.npy", tmp_path / "o.npz", cfg)
     assert not (tmp_path / "o.npz").exists()
+    with pytest.raises(JregfixError, match="weight 0"):
+        RefineConfig(weights={"joint": 0, "silhouette": 0, "adversarial": 0}).validate()
+    with pytest.raises(JregfixError, match="empty"):
+        refine(world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
+               world / "J_spin.npy", tmp_path / "o.npz", cfg, shard=(8, 9))
 
 
 def test_empty_masks_keep_the_frame_without_silhouette_term(world, smpl_body, tmp_path):
@@ -152,6 +157,8 @@ def test_empty_masks_keep_the_frame_without_silhouette_term(world, smpl_body, tm
     assert s["empty_masks"] == 2 and s["frames"] == N
     assert not out["has_mask"][[1, 5]].any() and out["has_mask"].sum() == N - 2
     np.testing.assert_array_equal(out["loss_silhouette_initial"][[1, 5]], 0.0)
+    assert np.isnan(out["iou_before"][[1, 5]]).all() and np.isfinite(out["iou_before"][0])
+    assert s["iou_before"] == pytest.approx(np.nanmean(out["iou_before"]))
 
 
 def test_regressor_fitted_on_refined_meshes_is_refused(world, smpl_body, tmp_path):

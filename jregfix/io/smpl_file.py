@@ -11,6 +11,7 @@ global is refused, so a crafted file cannot run code.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -135,11 +136,15 @@ def load_smpl_file(path: str | Path) -> dict:
                 raw = RestrictedUnpickler(f, encoding="latin1").load()
         except pickle.UnpicklingError as exc:
             raise JregfixError(f"{path}: {exc}") from None
-        except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError,
+                struct.error) as exc:
             raise JregfixError(f"{path}: not a readable SMPL pickle ({exc})") from None
         if not isinstance(raw, dict):
             raise JregfixError(f"{path}: expected a dict in the SMPL pickle, got {type(raw)}")
-        data = _convert(raw)
+        try:
+            data = _convert(raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise JregfixError(f"{path}: malformed object in the SMPL pickle ({exc})") from None
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise JregfixError(f"{path}: SMPL file lacks key(s) {missing}")

@@ -16,6 +16,7 @@ import gzip
 import io
 import lzma
 import pickle
+import struct
 import zlib
 from pathlib import Path
 
@@ -28,6 +29,8 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     ("collections", "OrderedDict"),
+    # protocol-5 pickles rebuild arrays from raw bytes with this
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 
 
@@ -72,7 +75,8 @@ class _SafeUnpickler(pickle._Unpickler):  # pure-Python unpickler: BUILD can be 
                 return collections.OrderedDict
             if module == "numpy":
                 return getattr(np, name)
-            return getattr(np._core.multiarray, name)
+            core = np._core if hasattr(np, "_core") else np.core  # numpy < 2 has only np.core
+            return getattr(core.numeric if module.endswith("numeric") else core.multiarray, name)
         if module == "joblib.numpy_pickle" and name == "NumpyArrayWrapper":
             return _JoblibArray
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
@@ -108,7 +112,7 @@ def load_tracks(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         raise JregfixError(f"{path}: refused: {exc}") from None
     except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            zlib.error, OSError, lzma.LZMAError) as exc:
+            struct.error, zlib.error, OSError, lzma.LZMAError) as exc:
         raise JregfixError(f"{path}: not a readable VIBE/MEVA output ({exc})") from None
     if not isinstance(obj, dict) or not obj:
         raise JregfixError(f"{path}: expected a non-empty dict of tracks, got {type(obj).__name__}")

@@ -93,6 +93,10 @@ def load_prediction(method: str, path: str | Path, gt_imgname: np.ndarray) -> Pr
             raise JregfixError(f"{path}: {len(missing)} imgname(s) are not in the GT file, "
                                f"e.g. {missing[0]!r}")
         rows = np.array([index[x] for x in params.imgname], dtype=np.int64)
+        uniq, counts = np.unique(rows, return_counts=True)
+        if (counts > 1).any():
+            raise JregfixError(f"{path}: frame {gt_imgname[uniq[counts > 1][0]]!r} appears more "
+                               "than once; each GT frame may be predicted once")
         notes = ["rows aligned to GT by imgname"]
     else:
         if len(params) != n_gt:
@@ -156,6 +160,10 @@ def evaluate(
         raise JregfixError(f"--joints must be 14 or 17, got {joints}")
     if not regressors:
         raise JregfixError("give at least one regressor (NAME=PATH)")
+    methods = [m for m, _ in predictions]
+    if len(set(methods)) != len(methods):
+        raise JregfixError(f"each method may be given once (got {methods}); evaluate files of the "
+                           "same method in separate calls")
     gt = load_h36m(gt_path)
     keep = protocol_mask(gt, protocol)
     num_vertices = body.num_vertices if body is not None else None

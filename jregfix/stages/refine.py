@@ -104,6 +104,8 @@ class RefineConfig:
             raise JregfixError(f"loss weights must be finite and >= 0, got {self.weights}")
         if self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
             raise JregfixError("iters >= 0, batch size >= 1 and lr > 0 are required")
+        if not any(self.weights.get(t, 1.0) > 0 for t in TERMS):
+            raise JregfixError("every loss term has weight 0: nothing to optimise")
         if self.silhouette_loss not in ("soft", "chamfer"):
             raise JregfixError("silhouette loss must be 'soft' or 'chamfer'")
 
@@ -269,8 +271,11 @@ def _batch_metrics(body, j_reg, batch, rot, betas, cam_t, camera, config) -> dic
     masks = batch.masks > 0.5
     v0 = body.vertices(batch.rotmat, batch.betas)
     v1 = body.vertices(rot, betas)
+    # frames without a mask have no IoU (NaN), so they do not pull the means down
+    no_mask = ~batch.has_mask
     iou0 = mask_iou(hard_silhouette(v0, body.faces, camera, size, cam_t=batch.cam_t), masks)
     iou1 = mask_iou(hard_silhouette(v1, body.faces, camera, size, cam_t=cam_t), masks)
+    iou0, iou1 = (x.masked_fill(no_mask, float("nan")) for x in (iou0, iou1))
     err = lambda v: (root_relative_joints(j_reg, v) - batch.gt_joints).norm(dim=-1).mean(-1)  # noqa: E731
     return {
         "pred_rotmat": rot.cpu().numpy(),
@@ -350,6 +355,8 @@ def refine(
         if not 0 <= i < k:
             raise JregfixError(f"shard {i}/{k}: need 0 <= i < n")
         rows = np.array_split(rows, k)[i]
+        if len(rows) == 0:
+            raise JregfixError(f"shard {i}/{k} of {n} frames is empty; use fewer shards")
 
     record = stage_record("refine", {"init": init, "gt": gt, "silhouettes": silhouettes,
                                      "joint_regressor": joint_regressor, "body": body_file},
@@ -411,8 +418,8 @@ def refine(
     summary = {
         "frames": int(len(rows)),
         "empty_masks": int(empty[rows].sum()),
-        "iou_before": float(result["iou_before"].mean()),
-        "iou_after": float(result["iou_after"].mean()),
+        "iou_before": float(np.nanmean(result["iou_before"])),
+        "iou_after": float(np.nanmean(result["iou_after"])),
         "joint_err_before_mm": float(result["joint_err_before_mm"].mean()),
         "joint_err_after_mm": float(result["joint_err_after_mm"].mean()),
         "geodesic_to_init_deg": float(result["geodesic_to_init_deg"].mean()),
