@@ -49,3 +49,20 @@ def smpl_body(smpl_pkl):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def camera_facing_poses(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
+    """(n, 24, 3) random axis-angle poses whose global orientation is SPIN's camera frame
+    (180 degrees about x, so the body stands upright facing the camera)."""
+    aa = rng.normal(size=(n, 24, 3)) * scale
+    aa[:, 0] = [np.pi, 0.0, 0.0]
+    return aa
+
+
+def planted_regressor(rng: np.random.Generator, support: int, num_vertices: int = 6890
+                      ) -> np.ndarray:
+    """(17, V) non-negative regressor, rows on the simplex over ``support`` random vertices."""
+    j = np.zeros((17, num_vertices))
+    for row in range(17):
+        j[row, rng.choice(num_vertices, support, replace=False)] = rng.dirichlet(np.ones(support))
+    return j

@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 from jregfix.cli import main
 from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m
 from jregfix.stages.evaluate import evaluate
+from tests.conftest import camera_facing_poses, planted_regressor
 from tests.test_metrics import reference_pa
 from tests.test_smpl import numpy_lbs
 
@@ -22,15 +23,11 @@ N = 24
 def world(smpl_like_model, tmp_path_factory):
     rng = np.random.default_rng(7)
     root = tmp_path_factory.mktemp("eval")
-    aa = rng.normal(size=(N, 24, 3)) * 0.25
-    aa[:, 0] = Rotation.from_matrix(np.diag([1.0, -1, -1])).as_rotvec()
+    aa = camera_facing_poses(rng, N, 0.25)
     betas = rng.normal(size=(N, 10))
     rot = Rotation.from_rotvec(aa.reshape(-1, 3)).as_matrix().reshape(N, 24, 3, 3)
     verts = np.stack([numpy_lbs(smpl_like_model, rot[i], betas[i]) for i in range(N)])
-    j_true = np.zeros((17, 6890))
-    for row in range(17):
-        idx = rng.choice(6890, 5, replace=False)
-        j_true[row, idx] = rng.dirichlet(np.ones(5))
+    j_true = planted_regressor(rng, 5)
     j_other = np.roll(j_true, 37, axis=1)
     np.save(root / "J_true.npy", j_true)
     np.save(root / "J_other.npy", j_other)

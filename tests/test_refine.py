@@ -12,6 +12,7 @@ from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m
 from jregfix.io.masks import save_silhouettes
 from jregfix.render.silhouette import hard_silhouette
 from jregfix.stages.refine import RefineConfig, refine
+from tests.conftest import camera_facing_poses, planted_regressor
 
 N, SIZE = 8, 64
 FOCAL = 5000.0 * SIZE / 224
@@ -21,17 +22,13 @@ FOCAL = 5000.0 * SIZE / 224
 def world(smpl_body, tmp_path_factory):
     rng = np.random.default_rng(3)
     root = tmp_path_factory.mktemp("refine")
-    aa = rng.normal(size=(N, 24, 3)) * 0.2
-    aa[:, 0] = Rotation.from_matrix(np.diag([1.0, -1, -1])).as_rotvec()
+    aa = camera_facing_poses(rng, N, 0.2)
     betas = rng.normal(size=(N, 10)) * 0.5
     cam_t = np.stack([rng.normal(size=N) * 0.05, 0.1 + rng.normal(size=N) * 0.05,
                       45 + rng.normal(size=N)], 1)
     verts = batch_vertices(smpl_body, torch.from_numpy(aa.reshape(N, 72)),
                            torch.from_numpy(betas)).double()
-    j_true = np.zeros((17, 6890))
-    for r in range(17):
-        idx = rng.choice(6890, 4, replace=False)
-        j_true[r, idx] = rng.dirichlet(np.ones(4))
+    j_true = planted_regressor(rng, 4)
     np.save(root / "J_spin.npy", j_true)
     gt17 = np.einsum("kv,nvc->nkc", j_true, verts.numpy())
     names = np.array([h36m_imgname("S1", "Walking_1", "54138969", i + 1) for i in range(N)])
