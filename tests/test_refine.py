@@ -99,18 +99,23 @@ def test_resume_after_a_kill_gives_the_same_bytes(world, smpl_body, tmp_path):
     with pytest.raises(Killed):
         refine(*args, progress=killer)
     assert not (tmp_path / "resumed.npz").exists()
+    assert len(list((tmp_path / "resumed.npz.chunks").glob("chunk_*"))) == 2
     summary = refine(*args)
-    assert summary["resumed_from_chunk"] == 2
+    assert summary["resumed_chunks"] == 2
     assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
 
-    # killed after a chunk was saved but before any discriminator state: start over, same bytes
-    calls["chunks"] = 0
-    (tmp_path / "resumed.npz").unlink()
+    # a killed batch-group (two batches per discriminator step) resumes mid-group
+    cfg2 = RefineConfig(iters=5, batch_size=2, image_size=SIZE, batches_per_disc_step=2)
+    grouped = (*args[:5], tmp_path / "grouped.npz", cfg2)
+    ref2 = (*args[:5], tmp_path / "grouped_ref.npz", cfg2)
+    refine(*ref2)
+    calls["chunks"] = -1  # die after the 3rd batch: the second group is half done
     with pytest.raises(Killed):
-        refine(*args, progress=killer)
-    (tmp_path / "resumed.npz.chunks" / "discriminators.pt").unlink()
-    assert refine(*args)["resumed_from_chunk"] == 0
-    assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
+        refine(*grouped, progress=killer)
+    assert refine(*grouped)["resumed_chunks"] == 3
+    assert (tmp_path / "grouped.npz").read_bytes() == (tmp_path / "grouped_ref.npz").read_bytes()
+    # ...and grouping changes the discriminator schedule, hence the result
+    assert (tmp_path / "grouped.npz").read_bytes() != (tmp_path / "ref.npz").read_bytes()
 
 
 def test_bad_inputs(world, smpl_body, tmp_path):
@@ -184,7 +189,7 @@ def test_discriminators_learn_to_separate_init_from_refined():
     real_b, fake_b = torch.zeros(64, 10), torch.ones(64, 10) * 2
     disc = Discriminators(24, 10, 1e-3)
     for _ in range(150):  # lr 1e-3, one step per optimised batch, as in refine
-        disc.update(real, real_b, fake, fake_b)
+        disc.step(disc.gradient(real, real_b, fake, fake_b)[1])
     with torch.no_grad():
         fake_cost = disc.generator_loss(fake, fake_b).mean()
         assert fake_cost > 4 * disc.generator_loss(real, real_b).mean()

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from jregfix.distributed import Ranks, init_from_env, shutdown
 from jregfix.errors import JregfixError
 
 app = typer.Typer(
@@ -31,6 +32,13 @@ def _root(
     _state["debug"] = debug
 
 
+def join_job(device: str = "cpu") -> Ranks:
+    """Join the torchrun job described by the environment (if any); only rank 0 prints."""
+    ranks = init_from_env(device)
+    console.quiet = not ranks.is_main
+    return ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: one red line and exit code 1 for user errors (``--debug`` re-raises).
 
@@ -38,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     own errors reach the handler below.
     """
     try:
-        app(args=argv, standalone_mode=True)
+        with _leaving_the_job():
+            app(args=argv, standalone_mode=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except JregfixError as exc:
@@ -50,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         console.print("interrupted")
         return 130
     return 0
+
+
+@contextlib.contextmanager
+def _leaving_the_job() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 @contextlib.contextmanager

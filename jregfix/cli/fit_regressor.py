@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from jregfix.cli.app import app, console, progress_bar
+from jregfix.cli.app import app, console, join_job, progress_bar
 from jregfix.errors import JregfixError
 from jregfix.stages.fit_regressor import (
     ABSOLUTE,
@@ -65,18 +65,20 @@ def fit_regressor_command(
                        sum_to_one_weight=sum_to_one_weight, exact_sum_to_one=exact_sum_to_one,
                        support=support, chunk_size=chunk_size)
     chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
+    ranks = join_job()
     inputs = load_inputs(params, gt, smpl, out, config, chosen, allow_test_subjects,
                          init_regressor)
+    share = len(inputs.index) // ranks.world_size + 1  # rank 0's bar shows its own share
     if shard is not None:
         i, n = _parse_shard(shard)
-        total = len(inputs.index) // n + 1
-        with progress_bar(f"accumulating shard {i}/{n}", total) as advance:
-            meta = run_shard(inputs, out, config, (i, n), advance)
-        console.print(f"shard {i}/{n}: frames {meta['frames']} -> {out}")
+        with progress_bar(f"accumulating shard {i}/{n}", share // n + 1) as advance:
+            meta = run_shard(inputs, out, config, (i, n), advance, ranks)
+        console.print(f"shard {i}/{n}: {meta['frames']} frames -> {out}")
         return
-    with progress_bar("accumulating", len(inputs.index)) as advance:
-        report = run_fit(inputs, out, config, json_out, advance)
-    _print_report(report, out)
+    with progress_bar("accumulating", share) as advance:
+        report = run_fit(inputs, out, config, json_out, advance, ranks)
+    if ranks.is_main:
+        _print_report(report, out)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from jregfix.cli.app import app, console
+from jregfix.cli.app import app, console, join_job
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.stages.refine import TERMS, RefineConfig, refine
 
@@ -61,6 +62,11 @@ def refine_command(
     image_size: int = typer.Option(224, "--image-size", help="Crop side the masks are stored "
                                    "at (SPIN: 224); the focal length scales with it."),
     seed: int = typer.Option(0, "--seed", help="Seeds the discriminators; same seed, same bytes."),
+    batches_per_disc_step: int = typer.Option(None, "--batches-per-disc-step", min=1,
+                                              help="Batches whose discriminator gradients are "
+                                              "averaged into one step (default: one per "
+                                              "process). A run with N processes equals a "
+                                              "single-process run with this set to N."),
     shard: str = typer.Option(None, "--shard", help="i/n: refine only the i-th of n blocks."),
     force: bool = typer.Option(False, "--force", help="Accept a regressor fitted on refined "
                                "meshes (normally refused to avoid drift)."),
@@ -68,16 +74,23 @@ def refine_command(
     save_figures: int = typer.Option(0, "--save-figures", help="Write a PNG with N frames: mask, "
                                      "initial and refined silhouettes (beside --out)."),
 ) -> None:
-    """Refine SPIN's fits into pseudo ground truth (resumable: re-run the same command)."""
+    """Refine SPIN's fits into pseudo ground truth (resumable: re-run the same command).
+
+    Under torchrun (`torchrun --nproc-per-node N -m jregfix refine ...`) the batches are dealt
+    out over the N processes and the discriminators stay one model (README: Scaling out).
+    """
     from jregfix.body.smpl import SMPLBody
 
+    ranks = join_job(device)
+    device = ranks.device(device)
     config = RefineConfig(iters=iters, lr=lr, batch_size=batch_size,
                           weights=parse_weights(weights), silhouette_loss=silhouette_loss,
-                          sigma=sigma, image_size=image_size, seed=seed)
+                          sigma=sigma, image_size=image_size, seed=seed,
+                          batches_per_disc_step=batches_per_disc_step)
     body = SMPLBody(smpl).to(device)
     run_refine(init, gt, silhouettes, body, joint_regressor, out, config, smpl,
-               parse_shard(shard), force, device)
-    if save_figures > 0:
+               parse_shard(shard), force, device, ranks)
+    if save_figures > 0 and ranks.is_main:
         from jregfix.stages.figures import silhouette_figure
 
         figure = out.with_name(out.stem + "_silhouettes.png")
@@ -86,12 +99,17 @@ def refine_command(
 
 
 def run_refine(init, gt, silhouettes, body, joint_regressor, out, config, body_file, shard,
-               force, device) -> dict:
-    """Call :func:`refine` under a progress bar showing live loss terms; print the summary."""
+               force, device, ranks: Ranks | None = None) -> dict:
+    """Call :func:`refine` under a progress bar showing live loss terms; print the summary.
+
+    With several processes only rank 0 prints; its bar counts its own share of the frames.
+    """
     from jregfix.io.h36m import load_h36m
 
-    total = len(load_h36m(gt))
-    columns = [TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    ranks = ranks or Ranks()
+    total = len(load_h36m(gt)) // (shard[1] if shard else 1) // ranks.world_size
+    columns = [TextColumn(ranks.label("refine")), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(),
                TextColumn("{task.fields[live]}")]
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("refine", total=total, live="")
@@ -102,7 +120,7 @@ def run_refine(init, gt, silhouettes, body, joint_regressor, out, config, body_f
 
         summary = refine(init, gt, silhouettes, body, joint_regressor, out, config,
                          body_file=body_file, shard=shard, force=force, device=device,
-                         progress=progress)
+                         progress=progress, ranks=ranks)
     console.print(
         f"refined {summary['frames']} frames in {summary['seconds']:.0f} s: silhouette IoU "
         f"{summary['iou_before']:.3f} -> {summary['iou_after']:.3f}, joint error (J_spin) "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from jregfix.cli.app import app, console
+from jregfix.cli.app import app, console, join_job
 from jregfix.cli.spin import stage_progress
 
 
@@ -33,15 +33,20 @@ def silhouettes_command(
                                       "crops with their masks overlaid."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the output is current."),
 ) -> None:
-    """Segment the person in every frame; resumes interrupted runs chunk by chunk."""
+    """Segment the person in every frame; resumes interrupted runs chunk by chunk.
+
+    Under torchrun the chunks are dealt out over the processes and rank 0 merges them.
+    """
     from jregfix.stages.silhouettes import SilhouetteConfig, run_silhouettes
 
     config = SilhouetteConfig(backend=backend, weights=str(weights) if weights else None,
                               score_threshold=score_threshold, min_iou=min_iou,
                               batch_size=batch_size, device=device, skip_missing=skip_missing,
                               chunk_size=chunk_size, force=force)
-    with stage_progress("silhouettes") as progress:
-        result = run_silhouettes(h36m, images, out, config, progress, figure=save_figures)
+    ranks = join_job(device)
+    with stage_progress(ranks.label("silhouettes")) as progress:
+        result = run_silhouettes(h36m, images, out, config, progress, figure=save_figures,
+                                 ranks=ranks)
     if result.up_to_date:
         console.print(f"{out} is up to date ({result.frames} frames); --force recomputes")
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from jregfix.cli.app import app, console
+from jregfix.cli.app import app, console, join_job
 
 
 @contextlib.contextmanager
@@ -49,13 +49,18 @@ def spin_command(
                                    help="Frames per resumable chunk."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the output is current."),
 ) -> None:
-    """Run SPIN's regressor on every frame; resumes interrupted runs chunk by chunk."""
+    """Run SPIN's regressor on every frame; resumes interrupted runs chunk by chunk.
+
+    Under torchrun (`torchrun --nproc-per-node N -m jregfix spin ...`) the chunks are dealt
+    out over the N processes (one GPU each) and rank 0 merges them.
+    """
     from jregfix.stages.spin import SpinConfig, run_spin
 
+    ranks = join_job(device)
     config = SpinConfig(batch_size=batch_size, device=device, skip_missing=skip_missing,
                         chunk_size=chunk_size, force=force)
-    with stage_progress("spin") as progress:
-        result = run_spin(h36m, images, checkpoint, mean_params, out, config, progress)
+    with stage_progress(ranks.label("spin")) as progress:
+        result = run_spin(h36m, images, checkpoint, mean_params, out, config, progress, ranks)
     if result.up_to_date:
         console.print(f"{out} is up to date ({result.frames} frames); --force recomputes")
         return

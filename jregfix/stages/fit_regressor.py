@@ -65,7 +65,9 @@ import torch
 
 from jregfix.body.base import BodyModel, fit_betas
 from jregfix.body.rotations import pose_to_rotmat
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
+from jregfix.geometry.exact_sum import ExactSum
 from jregfix.geometry.nnls import BlockGramHessian, solve_nnls
 from jregfix.io.atomic import read_npz, save_npz, sha256_file, write_json
 from jregfix.io.h36m import H36M17_NAMES, TEST_SUBJECTS, TRAIN_SUBJECTS, load_h36m, subject_mask
@@ -206,20 +208,35 @@ class Accumulator:
 
     vertices (U,) sorted mesh vertex ids of G's rows; gram G (U, U); cross B (K, U);
     joints_gram S (K, K); centred: meshes were centred per frame (root-relative mode).
+    The sums are exact (geometry/exact_sum.py) over per-chunk float64 products, so shards,
+    ranks and resumed runs that cover the same chunks give bit-identical sums.
     """
 
     vertices: np.ndarray
-    gram: np.ndarray
-    cross: np.ndarray
-    joints_gram: np.ndarray
+    sums: dict[str, ExactSum]
     frames: int = 0
     centred: bool = True
+
+    KEYS = ("gram", "cross", "joints_gram")
 
     @classmethod
     def empty(cls, vertices: np.ndarray, num_joints: int, centred: bool) -> Accumulator:
         u = len(vertices)
-        return cls(np.asarray(vertices, dtype=np.int64), np.zeros((u, u)),
-                   np.zeros((num_joints, u)), np.zeros((num_joints, num_joints)), 0, centred)
+        shapes = {"gram": (u, u), "cross": (num_joints, u), "joints_gram": (num_joints,) * 2}
+        return cls(np.asarray(vertices, dtype=np.int64),
+                   {k: ExactSum(s) for k, s in shapes.items()}, 0, centred)
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self.sums["gram"].value()
+
+    @property
+    def cross(self) -> np.ndarray:
+        return self.sums["cross"].value()
+
+    @property
+    def joints_gram(self) -> np.ndarray:
+        return self.sums["joints_gram"].value()
 
     def add(self, meshes: np.ndarray, joints: np.ndarray) -> None:
         """meshes (n, V, 3), joints (n, K, 3): one rank-3n update of every sum."""
@@ -229,27 +246,49 @@ class Accumulator:
             sub -= meshes.mean(axis=1, dtype=np.float64)[:, None, :]
         a = sub.transpose(1, 0, 2).reshape(len(self.vertices), 3 * n)
         x = np.asarray(joints, dtype=np.float64).transpose(1, 0, 2).reshape(joints.shape[1], 3 * n)
-        self.gram += a @ a.T  # numpy dispatches a @ a.T to the symmetric rank-k BLAS update
-        self.cross += x @ a.T
-        self.joints_gram += x @ x.T
+        self.sums["gram"].add(a @ a.T)  # numpy dispatches a @ a.T to the symmetric BLAS update
+        self.sums["cross"].add(x @ a.T)
+        self.sums["joints_gram"].add(x @ x.T)
         self.frames += n
 
     def merge(self, other: Accumulator) -> None:
         if not np.array_equal(self.vertices, other.vertices) or self.centred != other.centred:
             raise JregfixError("partial accumulations use different vertices or modes")
-        self.gram += other.gram
-        self.cross += other.cross
-        self.joints_gram += other.joints_gram
+        for key in self.KEYS:
+            self.sums[key].merge(other.sums[key])
         self.frames += other.frames
+
+    def all_reduce(self, ranks: Ranks) -> None:
+        """Sum the partial accumulations of every rank (exact: integer limbs)."""
+        for key in self.KEYS:
+            limbs = torch.from_numpy(self.sums[key].limbs)
+            self.sums[key].limbs = ranks.all_reduce_sum(limbs).numpy()
+        self.frames = int(ranks.all_reduce_sum(torch.tensor([self.frames], dtype=torch.int64)))
+
+
+def frame_chunks(index: np.ndarray, chunk_size: int) -> list[np.ndarray]:
+    """``index`` cut into chunks of ``chunk_size`` frames: the unit every split is made of."""
+    return [index[s:s + chunk_size] for s in range(0, len(index), chunk_size)]
 
 
 def accumulate(source: MeshSource, joints: np.ndarray, vertices: np.ndarray, centred: bool,
-               index: np.ndarray, chunk_size: int = 512,
-               progress: Progress | None = None) -> Accumulator:
-    """Sums over frames ``index`` of ``source`` and ``joints`` (N, K, 3), chunk by chunk."""
+               index: np.ndarray, chunk_size: int = 512, progress: Progress | None = None,
+               ranks: Ranks | None = None, shard: tuple[int, int] | None = None) -> Accumulator:
+    """Sums over frames ``index`` of ``source`` and ``joints`` (N, K, 3), chunk by chunk.
+
+    ``shard`` (i, n) keeps the i-th of n contiguous blocks of chunks; ``ranks`` splits the
+    chunks the same way over a distributed job and all-reduces, so every rank returns the
+    sums over all of ``index``. Either way the sums equal the single-process ones bit for bit.
+    """
+    chunks = frame_chunks(np.asarray(index), chunk_size)
+    mine = range(len(chunks))
+    if shard is not None:
+        mine = np.array_split(np.arange(len(chunks)), shard[1])[shard[0]]
+    ranks = ranks or Ranks()
+    mine = ranks.split(np.asarray(mine, dtype=np.int64))
     acc = Accumulator.empty(vertices, joints.shape[1], centred)
-    for start in range(0, len(index), chunk_size):
-        rows = index[start:start + chunk_size]
+    for c in mine:
+        rows = chunks[c]
         meshes = source.meshes(rows)
         if meshes.shape[1:] != (source.num_vertices, 3):
             raise JregfixError(f"meshes have shape {meshes.shape[1:]}, expected "
@@ -260,6 +299,7 @@ def accumulate(source: MeshSource, joints: np.ndarray, vertices: np.ndarray, cen
         acc.add(meshes, joints[rows])
         if progress is not None:
             progress(len(rows))
+    acc.all_reduce(ranks)
     return acc
 
 
@@ -277,7 +317,8 @@ class Solution:
 def solve_accumulated(acc: Accumulator, rows: list[np.ndarray], num_vertices: int,
                       config: FitConfig) -> Solution:
     """Solve every row's NNLS from the sums; ``rows[k]`` are mesh vertex ids within acc."""
-    k = acc.cross.shape[0]
+    gram, cross = acc.gram, acc.cross
+    k = cross.shape[0]
     if len(rows) != k:
         raise JregfixError(f"{len(rows)} candidate sets for {k} joints")
     if acc.frames == 0:
@@ -289,12 +330,12 @@ def solve_accumulated(acc: Accumulator, rows: list[np.ndarray], num_vertices: in
             raise JregfixError(f"row {j}: candidate vertices are not in the accumulated set")
     coupling = _coupling(k, acc.centred)
     penalty = 0.0 if config.exact_sum_to_one else config.sum_to_one_weight * acc.frames
-    lin = coupling @ acc.cross
+    lin = coupling @ cross
     blocks = [range(k)] if acc.centred else [[j] for j in range(k)]
     w_local = [np.zeros(len(loc)) for loc in local]
     solver_info, iterations = [], 0
     for block in blocks:
-        hess = BlockGramHessian(acc.gram, coupling[np.ix_(block, block)],
+        hess = BlockGramHessian(gram, coupling[np.ix_(block, block)],
                                 [local[j] for j in block], penalty)
         c = np.concatenate([lin[j, local[j]] for j in block]) + penalty
         res = solve_nnls(hess, c, groups=hess.row_of, exact=config.exact_sum_to_one,
@@ -310,7 +351,8 @@ def solve_accumulated(acc: Accumulator, rows: list[np.ndarray], num_vertices: in
     for j in range(k):
         regressor[j, rows[j]] = w_local[j]
         w_u[j, local[j]] = w_local[j]
-    diag = _diagnostics(acc, w_u, coupling, penalty, sorted(solver_info), [len(r) for r in rows])
+    diag = _diagnostics(acc, gram, cross, w_u, coupling, penalty, sorted(solver_info),
+                        [len(r) for r in rows])
     diag["solver_iterations"] = iterations
     return Solution(regressor, diag)
 
@@ -335,9 +377,9 @@ def _violation(d, w):
                float(-w.min(initial=0.0)), 0.0)
 
 
-def _diagnostics(acc, w_u, coupling, penalty, solver_info, candidates) -> dict:
+def _diagnostics(acc, gram, cross, w_u, coupling, penalty, solver_info, candidates) -> dict:
     # sum_n R_n R_n^T with R_n = W Vc_n - X_n, then the per-frame translation removed by C.
-    rr = w_u @ acc.gram @ w_u.T - w_u @ acc.cross.T - acc.cross @ w_u.T + acc.joints_gram
+    rr = w_u @ gram @ w_u.T - w_u @ cross.T - cross @ w_u.T + acc.joints_gram
     sq = np.maximum(np.diag(coupling @ rr @ coupling), 0.0)
     sums = w_u.sum(1)
     k = len(sums)
@@ -378,7 +420,8 @@ class SupportChoice:
 def choose_support(source: MeshSource, joints: np.ndarray, template: np.ndarray,
                    index: np.ndarray, config: FitConfig,
                    init_regressor: np.ndarray | None = None,
-                   candidates: list[np.ndarray] | None = None) -> SupportChoice:
+                   candidates: list[np.ndarray] | None = None,
+                   ranks: Ranks | None = None) -> SupportChoice:
     """Candidate vertices per row (module docstring: support); ``candidates`` overrides."""
     k = joints.shape[1]
     if candidates is not None:
@@ -398,7 +441,7 @@ def choose_support(source: MeshSource, joints: np.ndarray, template: np.ndarray,
                      .round().astype(np.int64))
     coarse = farthest_points(template, config.pilot_vertices)
     acc = accumulate(source, joints, coarse, config.mode == ROOT_RELATIVE, index[pick],
-                     config.chunk_size)
+                     config.chunk_size, ranks=ranks)
     pilot = solve_accumulated(acc, [coarse] * k, len(template), config).regressor
     sums = pilot.sum(1, keepdims=True)
     if (sums <= 0).any():
@@ -412,22 +455,25 @@ def fit_regressor(source: MeshSource, joints: np.ndarray, template: np.ndarray,
                   config: FitConfig = FitConfig(), index: np.ndarray | None = None,
                   init_regressor: np.ndarray | None = None,
                   candidates: list[np.ndarray] | None = None,
-                  progress: Progress | None = None) -> tuple[Solution, SupportChoice]:
-    """Support, accumulation and solve over frames ``index`` (default: all) in one process.
+                  progress: Progress | None = None,
+                  ranks: Ranks | None = None) -> tuple[Solution, SupportChoice]:
+    """Support, accumulation and solve over frames ``index`` (default: all).
 
     joints (N, K, 3) metres; template (V, 3) rest vertices (for the support); returns the
-    solution (regressor (K, V)) with timing and memory in its diagnostics.
+    solution (regressor (K, V)) with timing and memory in its diagnostics. With ``ranks`` of a
+    distributed job, each rank accumulates its block of chunks, the sums are all-reduced and
+    every rank solves the same system: the result is bit-identical to the single-process fit.
     """
     config.validate()
     joints = _check_joints(joints, source.num_frames)
     index = np.arange(source.num_frames) if index is None else np.asarray(index)
     t0 = time.perf_counter()
     support = choose_support(source, joints, template, index, config, init_regressor,
-                             candidates)
+                             candidates, ranks)
     t1 = time.perf_counter()
     union = np.unique(np.concatenate(support.rows))
     acc = accumulate(source, joints, union, config.mode == ROOT_RELATIVE, index,
-                     config.chunk_size, progress)
+                     config.chunk_size, progress, ranks)
     t2 = time.perf_counter()
     sol = solve_accumulated(acc, support.rows, len(template), config)
     t3 = time.perf_counter()
@@ -559,39 +605,48 @@ def _check_imgnames(body_params: BodyParams, gt_names: np.ndarray, params, gt) -
 
 def run_fit(inputs: Inputs, out: str | Path, config: FitConfig,
             report_path: str | Path | None = None,
-            progress: Progress | None = None) -> dict:
-    """Fit on all selected frames and write the regressor, provenance and report."""
+            progress: Progress | None = None, ranks: Ranks | None = None) -> dict:
+    """Fit on all selected frames and write the regressor, provenance and report.
+
+    Under a distributed job every rank calls this; rank 0 writes, the others wait for it.
+    """
+    ranks = ranks or Ranks()
     sol, support = fit_regressor(inputs.source, inputs.joints, inputs.template, config,
                                  inputs.index, inputs.init_regressor, inputs.candidates,
-                                 progress=progress)
+                                 progress=progress, ranks=ranks)
     report = _report(inputs.record, config, sol, support.source, inputs.subjects)
-    _write_outputs(out, sol.regressor, report, report_path)
+    report["processes"] = {"world_size": ranks.world_size, "backend": ranks.backend}
+    if ranks.is_main:
+        _write_outputs(out, sol.regressor, report, report_path)
+    ranks.barrier()
     return report
 
 
 def run_shard(inputs: Inputs, out: str | Path, config: FitConfig, shard: tuple[int, int],
-              progress: Progress | None = None) -> dict:
-    """Accumulate shard i of n (contiguous frames) and save the partial sums to ``out`` (.npz)."""
+              progress: Progress | None = None, ranks: Ranks | None = None) -> dict:
+    """Accumulate shard i of n (a contiguous block of chunks) and save the partial sums to
+    ``out`` (.npz); ``ranks`` share the shard's chunks (rank 0 writes)."""
+    ranks = ranks or Ranks()
     i, n = shard
     if Path(out).suffix != ".npz":
         raise JregfixError(f"{out}: a shard's partial sums are written as .npz")
     config.validate()
     joints = _check_joints(inputs.joints, inputs.source.num_frames)
     support = choose_support(inputs.source, joints, inputs.template, inputs.index, config,
-                             inputs.init_regressor)
-    part = np.array_split(inputs.index, n)[i]
+                             inputs.init_regressor, ranks=ranks)
     union = np.unique(np.concatenate(support.rows))
-    acc = accumulate(inputs.source, joints, union, config.mode == ROOT_RELATIVE, part,
-                     config.chunk_size, progress)
+    acc = accumulate(inputs.source, joints, union, config.mode == ROOT_RELATIVE, inputs.index,
+                     config.chunk_size, progress, ranks, shard)
     meta = {"record": inputs.record, "config": asdict(config), "shard": [i, n],
             "num_vertices": inputs.source.num_vertices, "subjects": inputs.subjects,
-            "support_source": support.source, "frames": [int(part[0]), int(part[-1])]
-            if len(part) else []}
-    save_npz(out, compressed=False, vertices=acc.vertices, gram=acc.gram, cross=acc.cross,
-             joints_gram=acc.joints_gram, frames=np.int64(acc.frames),
-             centred=np.bool_(acc.centred), rows_flat=np.concatenate(support.rows),
-             rows_offsets=np.cumsum([0] + [len(r) for r in support.rows]),
-             meta=np.array(json.dumps(meta, sort_keys=True)))
+            "support_source": support.source, "frames": acc.frames}
+    if ranks.is_main:
+        save_npz(out, compressed=False, vertices=acc.vertices, frames=np.int64(acc.frames),
+                 centred=np.bool_(acc.centred), rows_flat=np.concatenate(support.rows),
+                 rows_offsets=np.cumsum([0] + [len(r) for r in support.rows]),
+                 meta=np.array(json.dumps(meta, sort_keys=True)),
+                 **{f"{k}_limbs": acc.sums[k].limbs for k in Accumulator.KEYS})
+    ranks.barrier()
     return meta
 
 
@@ -640,15 +695,18 @@ def _load_part(path) -> tuple[dict, Accumulator, list[np.ndarray]]:
     arrays = read_npz(path, "fit-regressor shard file")
     try:
         meta = json.loads(str(arrays["meta"]))
-        acc = Accumulator(arrays["vertices"], arrays["gram"], arrays["cross"],
-                          arrays["joints_gram"], int(arrays["frames"]), bool(arrays["centred"]))
+        vertices = arrays["vertices"]
+        k = len(arrays["rows_offsets"]) - 1
+        shapes = {"gram": (len(vertices),) * 2, "cross": (k, len(vertices)),
+                  "joints_gram": (k, k)}
+        sums = {key: ExactSum(shape, arrays[f"{key}_limbs"]) for key, shape in shapes.items()}
+        acc = Accumulator(vertices, sums, int(arrays["frames"]), bool(arrays["centred"]))
         offsets = arrays["rows_offsets"]
         rows = [arrays["rows_flat"][a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
     except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
         raise JregfixError(f"{path}: not a fit-regressor shard file ({exc})") from None
-    u = len(acc.vertices)
-    if acc.gram.shape != (u, u) or acc.cross.shape[1] != u:
-        raise JregfixError(f"{path}: inconsistent shapes in the shard file")
+    except JregfixError as exc:
+        raise JregfixError(f"{path}: inconsistent shapes in the shard file ({exc})") from None
     return meta, acc, rows
 
 

@@ -1,4 +1,5 @@
-"""Shared plumbing of the per-frame stages: device choice, prefetched image batches, chunking."""
+"""Shared plumbing of the per-frame stages: device choice, prefetched image batches, chunking,
+and the split of chunks over the processes of a distributed job."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.crop import crop_image
 from jregfix.io.h36m import H36MData
 from jregfix.io.images import read_image, resolve_image
+from jregfix.io.manifest import ChunkStore
 
 T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (frames done, frames total)
@@ -71,3 +74,17 @@ def chunk_dir(out: str | Path) -> Path:
     """Where a stage writing ``out`` keeps its resumable chunks: ``<out>.chunks/``."""
     out = Path(out)
     return out.with_name(out.name + ".chunks")
+
+
+def owned_chunks(store: ChunkStore, count: int, ranks: Ranks) -> tuple[list[int], int]:
+    """Chunk indices this rank must still compute (round-robin ownership, finished chunks
+    skipped) and how many of its chunks an earlier run already finished."""
+    mine = [ci for ci in range(count) if ranks.owns(ci)]
+    todo = [ci for ci in mine if not store.done(ci)]
+    return todo, len(mine) - len(todo)
+
+
+def merged_chunks(store: ChunkStore, count: int, ranks: Ranks) -> dict[str, np.ndarray] | None:
+    """Wait for every rank's chunks; rank 0 gets them concatenated in chunk order, others None."""
+    ranks.barrier()
+    return store.concatenate(count) if ranks.is_main else None

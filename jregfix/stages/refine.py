@@ -29,9 +29,16 @@ Weights: a term with no explicit weight is scaled to 1 at the first iteration of
 (w = 1 / max(L(θ₀), floor)), the paper's rule; an explicit weight overrides, 0 disables.
 Adam (lr 1e-2, betas 0.9/0.999), 100 iterations, per batch of frames.
 
-Batches run in order; each finished batch is saved as a chunk together with the discriminator
-and its optimisers, so a killed run resumes from the last finished batch and ends with the same
-bytes as an uninterrupted run with the same seed.
+Batches of ``batch_size`` frames run in order and each is saved as a chunk when done. The
+discriminators take one Adam step per *group* of ``batches_per_disc_step`` batches (default:
+one per process, so 1 in a single process), on the mean of the group's per-batch gradients;
+every batch of a group is refined against the same discriminators. A distributed job (torchrun,
+W processes) deals batch j of each group to rank j mod W, gathers the gradients and adds them
+in batch order, so all ranks hold the same discriminators and the run equals the
+single-process run with the same ``batches_per_disc_step`` (exactly, given per-process
+determinism; see the README). A batch's discriminator gradient is computed from the refined
+arrays saved in its chunk, so a re-run after a kill (of any rank) reuses every finished chunk,
+replays the discriminator steps from them and ends with the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -52,14 +59,16 @@ from jregfix.body.rotations import (
     rotmat_to_axis_angle,
     rotmat_to_rot6d,
 )
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import FOCAL_LENGTH, PinholeCamera, weak_to_cam_t
-from jregfix.io.atomic import atomic_path, save_npz
+from jregfix.io.atomic import save_npz
 from jregfix.io.h36m import load_h36m
 from jregfix.io.manifest import (
     ChunkStore,
     chunk_ranges,
     manifest_path,
+    read_manifest,
     stage_record,
     write_manifest,
 )
@@ -91,6 +100,8 @@ class RefineConfig:
     disc_lr: float = 1e-3
     image_size: int = 224  # crop side in px; the focal scales with it (same field of view)
     seed: int = 0
+    # batches whose discriminator gradients are averaged into one step; None: one per process
+    batches_per_disc_step: int | None = None
 
     @property
     def focal(self) -> float:
@@ -106,43 +117,44 @@ class RefineConfig:
             raise JregfixError("iters >= 0, batch size >= 1 and lr > 0 are required")
         if not any(self.weights.get(t, 1.0) > 0 for t in TERMS):
             raise JregfixError("every loss term has weight 0: nothing to optimise")
+        if self.batches_per_disc_step is not None and self.batches_per_disc_step < 1:
+            raise JregfixError("batches per discriminator step must be >= 1")
         if self.silhouette_loss not in ("soft", "chamfer"):
             raise JregfixError("silhouette loss must be 'soft' or 'chamfer'")
 
 
 class Discriminators(torch.nn.Module):
-    """The pose and shape discriminators and their optimisers, saved and restored as one."""
+    """The pose and shape discriminators and their Adam optimiser.
+
+    An update is split in two so that it can be shared: :meth:`gradient` of one batch's LSGAN
+    loss (flattened), then :meth:`step` with the mean gradient of a group of batches.
+    """
 
     def __init__(self, num_joints: int, num_betas: int, lr: float):
         super().__init__()
         self.pose = PoseDiscriminator(num_joints)
         self.shape = ShapeDiscriminator(num_betas)
-        self.opt_pose = torch.optim.Adam(self.pose.parameters(), lr=lr, betas=(0.9, 0.999))
-        self.opt_shape = torch.optim.Adam(self.shape.parameters(), lr=lr, betas=(0.9, 0.999))
-
-    def full_state(self) -> dict:
-        return {"model": self.state_dict(), "opt_pose": self.opt_pose.state_dict(),
-                "opt_shape": self.opt_shape.state_dict()}
-
-    def load_full_state(self, state: Mapping) -> None:
-        self.load_state_dict(state["model"])
-        self.opt_pose.load_state_dict(state["opt_pose"])
-        self.opt_shape.load_state_dict(state["opt_shape"])
+        self.opt = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
 
     def generator_loss(self, rot6d: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         """(B,) adversarial cost of the current estimate (gradients reach rot6d and betas)."""
         return lsgan_generator_loss(self.pose(rot6d)) + lsgan_generator_loss(self.shape(betas))
 
-    def update(self, real6d, real_betas, fake6d, fake_betas) -> float:
-        """One LSGAN step of both discriminators (real: initial estimates, fake: refined)."""
-        self.opt_pose.zero_grad()
-        self.opt_shape.zero_grad()
-        loss = (lsgan_discriminator_loss(self.pose(real6d), self.pose(fake6d.detach()))
-                + lsgan_discriminator_loss(self.shape(real_betas), self.shape(fake_betas.detach())))
-        loss.backward()
-        self.opt_pose.step()
-        self.opt_shape.step()
-        return float(loss.detach())
+    def gradient(self, real6d, real_betas, fake6d, fake_betas) -> tuple[float, torch.Tensor]:
+        """One batch's LSGAN loss (real: initial estimates, fake: refined) and its gradient
+        with respect to every parameter, flattened to (P,)."""
+        loss = (lsgan_discriminator_loss(self.pose(real6d), self.pose(fake6d))
+                + lsgan_discriminator_loss(self.shape(real_betas), self.shape(fake_betas)))
+        grads = torch.autograd.grad(loss, list(self.parameters()))
+        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
+
+    def step(self, gradient: torch.Tensor) -> None:
+        """One Adam step along a flattened (P,) gradient."""
+        offset = 0
+        for p in self.parameters():
+            p.grad = gradient[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.opt.step()
 
 
 @dataclass
@@ -252,18 +264,22 @@ def refine_batch(body: BodyModel, j_reg: torch.Tensor, batch: Batch, disc: Discr
         p.requires_grad_(True)
 
     with torch.no_grad():
-        rot = rot6d_to_rotmat(pose6d)
-        fit6d = rotmat_to_rot6d(rot)
-    disc_loss = disc.update(rotmat_to_rot6d(batch.rotmat), batch.betas, fit6d,
-                            betas.detach()) if "adversarial" in active else float("nan")
-    with torch.no_grad():
-        out = _batch_metrics(body, j_reg, batch, rot, betas.detach(), weak_to_cam_t(weak),
-                             camera, config)
+        out = _batch_metrics(body, j_reg, batch, rot6d_to_rotmat(pose6d), betas.detach(),
+                             weak_to_cam_t(weak), camera, config)
     out.update({f"loss_{k}_{when}": history[when][k].cpu().numpy()
                 for when in ("initial", "final") for k in history[when]})
-    out["disc_loss"] = np.full(b, disc_loss)
     out["weights"] = weights
     return out
+
+
+def discriminator_gradient(disc: Discriminators, batch: Batch,
+                           refined: Mapping[str, np.ndarray]) -> tuple[float, torch.Tensor]:
+    """The discriminators' loss and gradient for one batch, computed from the refined arrays
+    as saved in its chunk, so that a resumed run replays exactly the same update."""
+    fake_rot = torch.from_numpy(refined["pred_rotmat"]).to(batch.betas.device)
+    fake_betas = torch.from_numpy(refined["betas"]).to(batch.betas.device)
+    return disc.gradient(rotmat_to_rot6d(batch.rotmat), batch.betas, rotmat_to_rot6d(fake_rot),
+                         fake_betas)
 
 
 def _batch_metrics(body, j_reg, batch, rot, betas, cam_t, camera, config) -> dict:
@@ -323,14 +339,23 @@ def refine(
     force: bool = False,
     device: str = "cpu",
     progress: Callable[[int, dict], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Refine every frame (or one shard) and write ``out`` (npz) plus its manifest.
 
-    ``progress(frames_done, live_losses)`` is called after each iteration batch step.
+    ``progress(frames_done, live_losses)`` is called after each iteration and each batch
+    (``frames_done`` counts this process's frames). Under a distributed job (``ranks``) every
+    rank calls this with the same arguments: batches are dealt out as described in the module
+    docstring, each rank writes its own chunks, and rank 0 merges them into ``out``.
     Returns a summary (means of the per-frame metrics, frames, empty masks, time).
     """
     config = config or RefineConfig()
     config.validate()
+    ranks = ranks or Ranks()
+    group = config.batches_per_disc_step or ranks.world_size
+    if group % ranks.world_size:
+        raise JregfixError(f"--batches-per-disc-step {group} is not a multiple of the "
+                           f"{ranks.world_size} processes")
     out = Path(out)
     prov = check_regressor_provenance(joint_regressor, force)
     gtd = load_h36m(gt)
@@ -358,38 +383,28 @@ def refine(
         if len(rows) == 0:
             raise JregfixError(f"shard {i}/{k} of {n} frames is empty; use fewer shards")
 
+    # the device *type* decides the numbers; which GPU a rank uses does not
     record = stage_record("refine", {"init": init, "gt": gt, "silhouettes": silhouettes,
                                      "joint_regressor": joint_regressor, "body": body_file},
-                          {**asdict(config), "shard": list(shard) if shard else None,
-                           "body": body.name, "device": device}, config.seed)
-    store = ChunkStore(out.with_name(out.name + ".chunks"), record)
+                          {**asdict(config), "batches_per_disc_step": group,
+                           "shard": list(shard) if shard else None,
+                           "body": body.name, "device": torch.device(device).type}, config.seed)
+    with ranks.main_first():
+        store = ChunkStore(out.with_name(out.name + ".chunks"), record)
     ranges = chunk_ranges(len(rows), config.batch_size)
     dev = torch.device(device)
     dtype = body.template.dtype
     torch.manual_seed(config.seed)
     disc = Discriminators(body.num_joints, body.num_betas, config.disc_lr).to(dev)
-    resume_from = 0
-    while resume_from < len(ranges) and store.done(resume_from):
-        resume_from += 1
-    disc_file = store.directory / "discriminators.pt"
-    if resume_from and not disc_file.is_file():  # killed before the first D state was saved
-        resume_from = 0
-    if resume_from:
-        state = torch.load(disc_file, map_location=dev, weights_only=True)
-        # a kill between a chunk and its D state: redo the chunks after the saved D state
-        resume_from = min(resume_from, state["after_chunk"] + 1)
-        disc.load_full_state(state["disc"])
+    adversarial = config.weights.get("adversarial", 1.0) > 0
     j_t = torch.from_numpy(j_reg).to(dev, dtype)
     gt_joints = gtd.joints17()
     gt_joints = gt_joints - gt_joints[:, :1]
     masks_all = sil.masks & sil.found[:, None, None]
     empty = ~masks_all.reshape(n, -1).any(1)
-    t0 = time.time()
-    done_frames = sum(b - a for a, b in ranges[:resume_from])
-    for ci in range(resume_from, len(ranges)):
-        a, b = ranges[ci]
-        idx = rows[a:b]
-        batch = Batch(
+
+    def batch_of(idx: np.ndarray) -> Batch:
+        return Batch(
             rotmat=pose_to_rotmat(torch.from_numpy(params.pose[idx]).to(dev, dtype),
                                   body.num_joints),
             betas=fit_betas(torch.from_numpy(params.betas[idx]).to(dev, dtype), body.num_betas),
@@ -399,37 +414,88 @@ def refine(
             has_mask=torch.from_numpy(~empty[idx]).to(dev),
         )
 
-        def on_iter(it, live, done=done_frames):
-            if progress is not None:
-                progress(done, {"iter": it, **live})
+    t0 = time.time()
+    done_frames, resumed = 0, 0
+    slots = group // ranks.world_size
+    for first in range(0, len(ranges), group):
+        members = list(range(first, min(first + group, len(ranges))))
+        grads = None
+        for slot, ci in enumerate(members[ranks.rank::ranks.world_size]):
+            idx = rows[ranges[ci][0]:ranges[ci][1]]
+            batch = batch_of(idx)
+            reused = store.done(ci)
+            if reused:  # finished by an earlier run: keep it, replay its D gradient
+                res = store.load(ci)
+                resumed += 1
+            else:
+                def on_iter(it, live, done=done_frames):
+                    if progress is not None:
+                        progress(done, {"iter": it, **live})
 
-        res = refine_batch(body, j_t, batch, disc, config, on_iter)
-        res.pop("weights")
-        store.save(ci, rows=idx, **res)
-        # the D state goes last: a kill between the two leaves a chunk that is simply redone
-        with atomic_path(disc_file) as tmp:
-            torch.save({"after_chunk": ci, "disc": disc.full_state()}, tmp)
-        done_frames += len(idx)
-        if progress is not None:
-            progress(done_frames, {})
-    merged = store.concatenate(len(ranges)) if ranges else {}
-    result = _assemble(merged, gtd.imgname)
-    save_npz(out, **result)
-    summary = {
-        "frames": int(len(rows)),
-        "empty_masks": int(empty[rows].sum()),
-        "iou_before": float(np.nanmean(result["iou_before"])),
-        "iou_after": float(np.nanmean(result["iou_after"])),
-        "joint_err_before_mm": float(result["joint_err_before_mm"].mean()),
-        "joint_err_after_mm": float(result["joint_err_after_mm"].mean()),
-        "geodesic_to_init_deg": float(result["geodesic_to_init_deg"].mean()),
-        "seconds": time.time() - t0,
-        "resumed_from_chunk": resume_from,
-    }
-    write_manifest(manifest_path(out), record, outputs={"refined": out},
-                   extra={"summary": summary, "joint_regressor_provenance": prov})
-    store.remove()
+                res = refine_batch(body, j_t, batch, disc, config, on_iter)
+                res.pop("weights")
+                res["rows"] = idx
+            if adversarial:
+                loss, grad = discriminator_gradient(disc, batch, res)
+                res["disc_loss"] = np.full(len(idx), loss)
+                if grads is None:
+                    grads = torch.zeros(slots, grad.numel(), dtype=grad.dtype, device=dev)
+                grads[slot] = grad
+            else:
+                res["disc_loss"] = np.full(len(idx), np.nan)
+            if not reused:
+                store.save(ci, **res)
+            done_frames += len(idx)
+            if progress is not None:
+                progress(done_frames, {})
+        if adversarial:
+            _shared_disc_step(disc, ranks, grads, len(members), slots)
+
+    ranks.barrier()  # every rank's chunks are on disk
+    if ranks.is_main:
+        merged = store.concatenate(len(ranges)) if ranges else {}
+        result = _assemble(merged, gtd.imgname)
+        save_npz(out, **result)
+        summary = {
+            "frames": int(len(rows)),
+            "empty_masks": int(empty[rows].sum()),
+            "iou_before": float(np.nanmean(result["iou_before"])),
+            "iou_after": float(np.nanmean(result["iou_after"])),
+            "joint_err_before_mm": float(result["joint_err_before_mm"].mean()),
+            "joint_err_after_mm": float(result["joint_err_after_mm"].mean()),
+            "geodesic_to_init_deg": float(result["geodesic_to_init_deg"].mean()),
+            "seconds": time.time() - t0,
+            "processes": ranks.world_size,
+        }
+    resumed = int(ranks.all_reduce_sum(torch.tensor([resumed], dtype=torch.int64)))
+    if ranks.is_main:
+        summary["resumed_chunks"] = resumed
+        write_manifest(manifest_path(out), record, outputs={"refined": out},
+                       extra={"summary": summary, "joint_regressor_provenance": prov})
+        store.remove()
+    ranks.barrier()  # the output exists when any rank returns
+    if not ranks.is_main:
+        summary = (read_manifest(manifest_path(out)) or {}).get("summary", {})
     return summary
+
+
+def _shared_disc_step(disc: Discriminators, ranks: Ranks, grads: torch.Tensor | None,
+                      members: int, slots: int) -> None:
+    """One discriminator step on the mean gradient of a group's ``members`` batches.
+
+    Batch j of the group was refined by rank j mod W in its slot j // W; the gradients are
+    gathered from every rank and added in batch order, so the sum (and every rank's copy of
+    the discriminators) is the same bit for bit for any number of processes.
+    """
+    if grads is None:  # this rank had no batch in the group (the last one may be short)
+        size = sum(p.numel() for p in disc.parameters())
+        dtype = next(disc.parameters()).dtype
+        grads = torch.zeros(slots, size, dtype=dtype, device=next(disc.parameters()).device)
+    gathered = ranks.all_gather(grads)  # (W, slots, P)
+    total = torch.zeros_like(grads[0])
+    for j in range(members):
+        total += gathered[j % ranks.world_size, j // ranks.world_size]
+    disc.step(total / members)
 
 
 def _assemble(merged: dict, imgname: np.ndarray) -> dict:

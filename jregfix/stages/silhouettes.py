@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.crop import crop_image, crop_map, square_box
 from jregfix.io.atomic import write_bytes
@@ -28,6 +30,7 @@ from jregfix.io.manifest import (
     chunk_ranges,
     is_current,
     manifest_path,
+    read_manifest,
     stage_record,
     write_manifest,
 )
@@ -36,6 +39,8 @@ from jregfix.stages.frames import (
     Progress,
     chunk_dir,
     frame_reader,
+    merged_chunks,
+    owned_chunks,
     prefetch_batches,
     resolve_device,
 )
@@ -125,13 +130,16 @@ def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, r
 
 def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
                     config: SilhouetteConfig | None = None, progress: Progress | None = None,
-                    detector: Detector | None = None,
-                    figure: str | Path | None = None) -> SilhouetteResult:
+                    detector: Detector | None = None, figure: str | Path | None = None,
+                    ranks: Ranks | None = None) -> SilhouetteResult:
     """Segment every frame of ``h36m`` and write ``out`` (+ manifest, optional overlay figure).
 
     ``detector`` overrides the backend (its name should then be given as ``config.backend``).
+    Under a distributed job chunk i goes to rank i mod W and rank 0 merges (as in ``spin``);
+    ``progress`` counts this rank's frames.
     """
     config = config or SilhouetteConfig()
+    ranks = ranks or Ranks()
     if config.batch_size <= 0:
         raise JregfixError(f"batch size must be positive, got {config.batch_size}")
     if detector is None and config.backend not in BACKENDS:
@@ -151,23 +159,23 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
     cfg["images"] = str(Path(images).resolve())
     record = stage_record("silhouettes", {"h36m": h36m, "weights": weights}
                           if weights is not None and weights.is_file() else {"h36m": h36m}, cfg)
-    if not config.force and is_current(out, record):
+    if not config.force and ranks.all_true(is_current(out, record)):
         with np.load(out, allow_pickle=False) as z:
             return SilhouetteResult(out, len(z["imgname"]), int(z["found"].sum()),
                                     up_to_date=True)
     if detector is None:
-        detector = torchvision_detector(weights, config.device, config.score_threshold)
+        detector = torchvision_detector(weights, ranks.device(config.device),
+                                        config.score_threshold)
 
-    store = ChunkStore(chunk_dir(out), record)
+    with ranks.main_first():
+        store = ChunkStore(chunk_dir(out), record)
     ranges = chunk_ranges(len(data), config.chunk_size)
+    todo, resumed = owned_chunks(store, len(ranges), ranks)
+    total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
+    done_frames = total - sum(ranges[ci][1] - ranges[ci][0] for ci in todo)
     read = frame_reader(data, images, config.skip_missing, crop=False)
-    resumed = 0
-    for ci, (start, stop) in enumerate(ranges):
-        if store.done(ci):
-            resumed += 1
-            if progress:
-                progress(stop, len(data))
-            continue
+    for ci in todo:
+        start, stop = ranges[ci]
         parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
         rows = [r for r in range(start, stop) if present[r]]
         for batch_rows, imgs in prefetch_batches(read, rows, config.batch_size, config.workers):
@@ -179,7 +187,7 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
                 parts.append(frame_silhouettes(dets, data, good_rows, config))
                 kept += good_rows
             if progress:
-                progress(start + len(kept) + len(skipped), len(data))
+                progress(done_frames + len(kept) + len(skipped), total)
         if parts:
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         else:
@@ -187,25 +195,31 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
         kept_rows = np.asarray(kept, dtype=np.int64)
         store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str), gt_row=kept_rows,
                    skipped_row=np.asarray(sorted(skipped), np.int64))
+        done_frames += stop - start
         if progress:
-            progress(stop, len(data))
+            progress(done_frames, total)
 
-    merged = store.concatenate(len(ranges))
-    skipped_rows = merged.pop("skipped_row")
-    n_out = len(merged["gt_row"])
-    if n_out == 0:
-        raise JregfixError(f"no readable images under {images} for {h36m}")
-    save_packed_silhouettes(out, merged.pop("masks_packed"), (MASK_RES, MASK_RES), **merged)
-    skipped = [str(data.imgname[r]) for r in skipped_rows]
-    found = int(merged["found"].sum())
-    write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
-                   extra={"frames": n_out, "found": found, "skipped": len(skipped),
-                          "skipped_examples": skipped[:20], "run_config": asdict(config)})
-    store.remove()
-    fig = None
-    if figure is not None:
-        fig = save_overlay_figure(figure, data, images, out)
-    return SilhouetteResult(out, n_out, found, skipped, resumed, figure=fig)
+    merged = merged_chunks(store, len(ranges), ranks)
+    resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
+    skipped, fig = [], None
+    if merged is not None:
+        skipped_rows = merged.pop("skipped_row")
+        n_out = len(merged["gt_row"])
+        if n_out == 0:
+            raise JregfixError(f"no readable images under {images} for {h36m}")
+        save_packed_silhouettes(out, merged.pop("masks_packed"), (MASK_RES, MASK_RES), **merged)
+        skipped = [str(data.imgname[r]) for r in skipped_rows]
+        write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
+                       extra={"frames": n_out, "found": int(merged["found"].sum()),
+                              "skipped": len(skipped), "skipped_examples": skipped[:20],
+                              "processes": ranks.world_size, "run_config": asdict(config)})
+        store.remove()
+        if figure is not None:
+            fig = save_overlay_figure(figure, data, images, out)
+    ranks.barrier()  # the output exists when any rank returns
+    doc = read_manifest(manifest_path(out)) or {}
+    return SilhouetteResult(out, doc.get("frames", 0), doc.get("found", 0), skipped, resumed,
+                            figure=fig)
 
 
 def save_overlay_figure(path: str | Path, data: H36MData, images: str | Path,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from jregfix.body.rotations import rotmat_to_axis_angle
+from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import weak_to_cam_t
 from jregfix.io.atomic import save_npz
@@ -26,6 +27,7 @@ from jregfix.io.manifest import (
     chunk_ranges,
     is_current,
     manifest_path,
+    read_manifest,
     stage_record,
     write_manifest,
 )
@@ -34,6 +36,8 @@ from jregfix.stages.frames import (
     Progress,
     chunk_dir,
     frame_reader,
+    merged_chunks,
+    owned_chunks,
     prefetch_batches,
     resolve_device,
 )
@@ -81,9 +85,16 @@ def _empty_chunk() -> dict[str, np.ndarray]:
 
 def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
              mean_params: str | Path | None, out: str | Path,
-             config: SpinConfig | None = None, progress: Progress | None = None) -> SpinResult:
-    """Run HMR over ``h36m``'s frames (images under ``images``) and write ``out`` + manifest."""
+             config: SpinConfig | None = None, progress: Progress | None = None,
+             ranks: Ranks | None = None) -> SpinResult:
+    """Run HMR over ``h36m``'s frames (images under ``images``) and write ``out`` + manifest.
+
+    Under a distributed job every rank calls this: chunk i goes to rank i mod W, each rank
+    writes its chunks, rank 0 merges them (the output is the single-process one, byte for
+    byte, given the same per-frame numbers). ``progress`` counts this rank's frames.
+    """
     config = config or SpinConfig()
+    ranks = ranks or Ranks()
     if config.batch_size <= 0:
         raise JregfixError(f"batch size must be positive, got {config.batch_size}")
     out = Path(out)
@@ -94,50 +105,56 @@ def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
         {"images": str(Path(images).resolve()), "skip_missing": config.skip_missing,
          "chunk_size": config.chunk_size, "n_iter": 3, "crop": "spin-bytescale-pil-bilinear"},
     )
-    if not config.force and is_current(out, record):
+    if not config.force and ranks.all_true(is_current(out, record)):
         with np.load(out, allow_pickle=False) as z:
             return SpinResult(out, len(z["imgname"]), up_to_date=True)
 
-    device = resolve_device(config.device)
+    device = resolve_device(ranks.device(config.device))
     model, report = build_hmr(checkpoint, mean_params)
     model.to(device)
-    store = ChunkStore(chunk_dir(out), record)
+    with ranks.main_first():
+        store = ChunkStore(chunk_dir(out), record)
     ranges = chunk_ranges(len(data), config.chunk_size)
+    todo, resumed = owned_chunks(store, len(ranges), ranks)
+    total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
     read = frame_reader(data, images, config.skip_missing, crop=True)
-    done_frames, resumed = 0, 0
-    for ci, (start, stop) in enumerate(ranges):
-        if store.done(ci):
-            resumed += 1
-        else:
-            rows = [r for r in range(start, stop) if present[r]]
-            parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
-            for batch_rows, crops in prefetch_batches(read, rows, config.batch_size,
-                                                      config.workers):
-                ok = [i for i, c in enumerate(crops) if c is not None]
-                skipped += [batch_rows[i] for i, c in enumerate(crops) if c is None]
-                if ok:
-                    parts.append(predict_crops(model, np.stack([crops[i] for i in ok]), device))
-                    kept += [batch_rows[i] for i in ok]
-                if progress:
-                    progress(done_frames + len(kept) + len(skipped), len(data))
-            arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
-                      else _empty_chunk())
-            kept_rows = np.asarray(kept, dtype=np.int64)
-            store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str),
-                       gt_row=kept_rows, skipped_row=np.asarray(sorted(skipped), np.int64))
-        done_frames = stop
+    done_frames = total - sum(ranges[ci][1] - ranges[ci][0] for ci in todo)
+    for ci in todo:
+        start, stop = ranges[ci]
+        rows = [r for r in range(start, stop) if present[r]]
+        parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
+        for batch_rows, crops in prefetch_batches(read, rows, config.batch_size, config.workers):
+            ok = [i for i, c in enumerate(crops) if c is not None]
+            skipped += [batch_rows[i] for i, c in enumerate(crops) if c is None]
+            if ok:
+                parts.append(predict_crops(model, np.stack([crops[i] for i in ok]), device))
+                kept += [batch_rows[i] for i in ok]
+            if progress:
+                progress(done_frames + len(kept) + len(skipped), total)
+        arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
+                  else _empty_chunk())
+        kept_rows = np.asarray(kept, dtype=np.int64)
+        store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str),
+                   gt_row=kept_rows, skipped_row=np.asarray(sorted(skipped), np.int64))
+        done_frames += stop - start
         if progress:
-            progress(done_frames, len(data))
+            progress(done_frames, total)
 
-    merged = store.concatenate(len(ranges))
-    skipped_rows = merged.pop("skipped_row")
-    if len(merged["gt_row"]) == 0:
-        raise JregfixError(f"no readable images under {images} for {h36m}")
-    save_npz(out, **merged)
-    skipped = [str(data.imgname[r]) for r in skipped_rows]
-    write_manifest(manifest_path(out), record, outputs={"spin": out},
-                   extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
-                          "skipped_examples": skipped[:20], "device": str(device),
-                          "run_config": asdict(config), "checkpoint_filled": report.filled})
-    store.remove()
-    return SpinResult(out, len(merged["gt_row"]), skipped, report.filled, resumed)
+    merged = merged_chunks(store, len(ranges), ranks)
+    resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
+    skipped = []
+    if merged is not None:
+        skipped_rows = merged.pop("skipped_row")
+        if len(merged["gt_row"]) == 0:
+            raise JregfixError(f"no readable images under {images} for {h36m}")
+        save_npz(out, **merged)
+        skipped = [str(data.imgname[r]) for r in skipped_rows]
+        write_manifest(manifest_path(out), record, outputs={"spin": out},
+                       extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
+                              "skipped_examples": skipped[:20], "device": str(device),
+                              "processes": ranks.world_size, "run_config": asdict(config),
+                              "checkpoint_filled": report.filled})
+        store.remove()
+    ranks.barrier()  # the output exists when any rank returns
+    frames = (read_manifest(manifest_path(out)) or {}).get("frames", 0)
+    return SpinResult(out, frames, skipped, report.filled, resumed)

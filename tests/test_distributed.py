@@ -1,0 +1,217 @@
+"""Distributed runs (2 gloo processes on CPU) against single-process runs, and rank deaths.
+
+References run as one spawned process with the same thread count, so "identical" means
+identical bytes: the distributed code adds everything in a fixed order (exact integer sums in
+fit-regressor, batch-ordered gradient sums in refine, chunk-ordered merges elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+from jregfix.distributed import Ranks
+from jregfix.geometry.exact_sum import ExactSum, limbs_value, split_limbs
+from jregfix.stages.fit_regressor import FitConfig
+from jregfix.stages.refine import RefineConfig
+from jregfix.stages.silhouettes import SilhouetteConfig
+from jregfix.stages.spin import SpinConfig
+from tests import dist_helpers
+from tests.test_fit_regressor import _args as fit_args
+from tests.test_fit_regressor import files, frames, pool  # noqa: F401
+from tests.test_refine import SIZE, world  # noqa: F401  (the refine test world)
+from tests.test_silhouettes_stage import data  # noqa: F401
+from tests.test_spin_stage import args as spin_args
+from tests.test_spin_stage import setup  # noqa: F401
+
+
+def test_exact_sum_is_exact_and_order_free():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(6, 5)) * 10.0 ** rng.uniform(-12, 12, size=(6, 5))
+             for _ in range(40)]
+    # the reference: math.fsum, Shewchuk's exactly rounded sum, entry by entry
+    ref = np.array([[math.fsum(p[i, j] for p in parts) for j in range(5)] for i in range(6)])
+    totals = []
+    for order in (range(40), reversed(range(40)), rng.permutation(40)):
+        acc = ExactSum((6, 5))
+        for k in order:
+            acc.add(parts[k])
+        totals.append(acc.value())
+    assert all(np.array_equal(t, totals[0]) for t in totals[1:])
+    np.testing.assert_allclose(totals[0], ref, rtol=1e-15, atol=2.0 ** -90)
+    # split in halves and merged (what ranks and shards do): same bits
+    a, b = ExactSum((6, 5)), ExactSum((6, 5))
+    for k in range(40):
+        (a if k % 3 else b).add(parts[k])
+    a.merge(b)
+    assert np.array_equal(a.value(), totals[0])
+    x = rng.normal(size=1000) * 1e3
+    assert np.array_equal(limbs_value(split_limbs(x)), x)  # one addend round-trips exactly
+    with pytest.raises(Exception, match="2\\^64"):
+        split_limbs(np.array([3e19]))
+
+
+def test_rank_shares_partition_the_work():
+    items = np.arange(11)
+    blocks = [Ranks(r, 3).split(items) for r in range(3)]
+    assert np.array_equal(np.concatenate(blocks), items)
+    owned = [[i for i in range(11) if Ranks(r, 3).owns(i)] for r in range(3)]
+    assert sorted(sum(owned, [])) == list(range(11)) and owned[1] == [1, 4, 7, 10]
+    single = Ranks()
+    assert not single.distributed and single.owns(5) and single.all_true(True)
+
+
+def _fit_data(tmp_path, smpl_body):
+    import torch
+
+    from jregfix.body.base import batch_vertices
+    from tests.conftest import planted_regressor
+
+    gen = torch.Generator().manual_seed(11)
+    n = 150
+    verts = batch_vertices(smpl_body, torch.randn(n, 72, generator=gen) * 0.4,
+                           torch.randn(n, 10, generator=gen)).double().numpy()
+    w = planted_regressor(np.random.default_rng(2), 6)
+    joints = np.einsum("kv,nvc->nkc", w, verts)
+    joints = joints - joints[:, :1] + np.random.default_rng(3).normal(scale=2e-3,
+                                                                      size=joints.shape)
+    # candidates: each row's planted vertices plus their 40 nearest template neighbours
+    tmpl = verts[0]
+    cand = np.stack([np.argsort(np.linalg.norm(tmpl - tmpl[np.flatnonzero(r)].mean(0), axis=1))
+                     [:40] for r in w])
+    cand = np.sort(np.concatenate([cand, np.stack([np.flatnonzero(r)[:6] for r in w])], 1), 1)
+    path = tmp_path / "fit.npz"
+    np.savez(path, verts=verts, joints=joints, candidates=cand)
+    return path
+
+
+def test_fit_regressor_two_ranks_equals_one(tmp_path, smpl_body):
+    data_file = _fit_data(tmp_path, smpl_body)
+    config = FitConfig(chunk_size=16)  # 10 chunks: 5 per rank
+    dist_helpers.launch(dist_helpers.fit_worker, 1, data_file, config, tmp_path / "one.npy")
+    dist_helpers.launch(dist_helpers.fit_worker, 2, data_file, config, tmp_path / "two.npy")
+    one = np.load(tmp_path / "one_rank0.npy")
+    two = [np.load(tmp_path / f"two_rank{r}.npy") for r in range(2)]
+    assert one.shape == (17, 6890) and (one > 0).sum() > 17
+    # the acceptance bound is 1e-10 relative; the exact sums give identical bits
+    assert np.linalg.norm(two[0] - one) <= 1e-10 * np.linalg.norm(one)
+    assert np.array_equal(two[0], one) and np.array_equal(two[1], one)
+
+
+def _refine_inputs(world):  # noqa: F811
+    return (world / "init.npz", world / "gt.npz", world / "sil.npz", world / "J_spin.npy")
+
+
+def test_refine_two_ranks_equals_one_process_with_the_same_grouping(world, smpl_pkl,  # noqa: F811
+                                                                   tmp_path):
+    grouped = RefineConfig(iters=4, batch_size=2, image_size=SIZE, batches_per_disc_step=2)
+    per_process = RefineConfig(iters=4, batch_size=2, image_size=SIZE)  # 2 ranks -> 2
+    inputs = _refine_inputs(world)
+    dist_helpers.launch(dist_helpers.refine_worker, 1, smpl_pkl, inputs, tmp_path / "one.npz",
+                        grouped, tmp_path / "one_log.npy")
+    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, tmp_path / "two.npz",
+                        per_process, tmp_path / "two_log.npy")
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    logs = [np.load(tmp_path / f"two_log_rank{r}.npy") for r in range(2)]
+    assert [int(log[0]) for log in logs] == [2, 2]  # 4 batches dealt out 2 + 2
+    with np.load(tmp_path / "two.npz") as z:
+        assert np.isfinite(z["disc_loss"]).all() and len(z["pose"]) == 8
+
+
+def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # noqa: F811
+    config = RefineConfig(iters=3, batch_size=1, image_size=SIZE)  # 8 batches, 4 groups of 2
+    inputs = _refine_inputs(world)
+    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, tmp_path / "ref.npz",
+                        config, tmp_path / "ref_log.npy")
+    out = tmp_path / "out.npz"
+    # rank 1 dies right after saving its 2nd batch (batch 3): rank 0 cannot pass group 1
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, out, config,
+                            tmp_path / "killed_log.npy", (1, 2))
+    chunks = sorted((tmp_path / "out.npz.chunks").glob("chunk_*.npz"))
+    names = {c.name for c in chunks}
+    # batches 0, 1 and 3 are saved; rank 0 may be stopped before or after saving batch 2
+    assert not out.exists() and {"chunk_000000.npz", "chunk_000001.npz", "chunk_000003.npz"} \
+        <= names <= {f"chunk_{i:06d}.npz" for i in range(4)}
+    for c in chunks:  # complete files only (atomic writes), each with its batch's frame
+        with np.load(c) as z:
+            assert len(z["rows"]) == 1 and np.isfinite(z["pred_rotmat"]).all()
+    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, out, config,
+                        tmp_path / "resumed_log.npy")
+    logs = [np.load(tmp_path / f"resumed_log_rank{r}.npy") for r in range(2)]
+    # only the missing batches were optimised, the finished ones were reused
+    assert sum(int(log[0]) for log in logs) == 8 - len(chunks)
+    assert int(logs[0][1]) == len(chunks)
+    assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
+    assert not (tmp_path / "out.npz.chunks").exists()
+
+
+def test_spin_two_ranks_identical_and_resumes_after_a_kill(setup, tmp_path):  # noqa: F811
+    config = SpinConfig(batch_size=1, chunk_size=1, device="cpu", workers=1)
+    dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, tmp_path / "one.npz"),
+                        config)
+    out = tmp_path / "two.npz"
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        dist_helpers.launch(dist_helpers.spin_worker, 2, spin_args(setup, out), config, (1, 1))
+    left = sorted(p.name for p in (tmp_path / "two.npz.chunks").glob("chunk_*.npz"))
+    assert "chunk_000001.npz" in left and not out.exists()
+    # resume with one process: the finished chunks (the dead rank's too) are not recomputed
+    dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, out), config, None,
+                        tmp_path / "log.npy")
+    assert np.load(tmp_path / "log.npy").tolist() == [len(left), 5]
+    assert out.read_bytes() == (tmp_path / "one.npz").read_bytes()
+
+
+def test_silhouettes_two_ranks_identical(data, tmp_path):  # noqa: F811
+    config = SilhouetteConfig(backend="fake", batch_size=1, chunk_size=2, workers=1)
+    dist_helpers.launch(dist_helpers.silhouettes_worker, 1, data, config)
+    one = (data / "sil.npz").read_bytes()
+    (data / "sil.npz").unlink()
+    (data / "sil.npz.manifest.json").unlink()
+    dist_helpers.launch(dist_helpers.silhouettes_worker, 2, data, config)
+    assert (data / "sil.npz").read_bytes() == one
+
+
+def test_torchrun_refine_cli_matches_single_process(world, smpl_pkl, tmp_path):  # noqa: F811
+    """The real launcher: `torchrun --nproc-per-node 2 -m jregfix refine ...`."""
+    init, gt, sil, j_spin = _refine_inputs(world)
+    common = ["refine", "--init", str(init), "--gt", str(gt), "--silhouettes", str(sil),
+              "--smpl", str(smpl_pkl), "--joint-regressor", str(j_spin), "--iters", "3",
+              "--batch-size", "2", "--image-size", str(SIZE)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(dist_helpers.free_port())
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                          "--nproc-per-node", "2", "--master-port", port, "-m", "jregfix",
+                          *common, "--out", str(tmp_path / "two.npz")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "jregfix", *common, "--batches-per-disc-step",
+                          "2", "--out", str(tmp_path / "one.npz")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
+    assert "refined 8 frames" in two.stderr and two.stderr.count("refined 8 frames") == 1
+
+
+def test_torchrun_fit_regressor_cli_matches_single_process(files, tmp_path):  # noqa: F811
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(dist_helpers.free_port())
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                          "--nproc-per-node", "2", "--master-port", port, "-m", "jregfix",
+                          *fit_args(files, tmp_path / "two.npy", "--chunk-size", "8")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "jregfix",
+                          *fit_args(files, tmp_path / "one.npy", "--chunk-size", "8")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"))
+    report = json.loads((tmp_path / "two.npy.json").read_text())
+    assert report["processes"] == {"world_size": 2, "backend": "gloo"}
