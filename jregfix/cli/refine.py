@@ -127,3 +127,16 @@ def run_refine(init, gt, silhouettes, body, joint_regressor, out, config, body_f
         f"{summary['joint_err_before_mm']:.1f} -> {summary['joint_err_after_mm']:.1f} mm; "
         f"{summary['empty_masks']} frame(s) without a mask; wrote {out}")
     return summary
+
+
+@app.command("refine-merge")
+def refine_merge_command(
+    parts: list[Path] = typer.Argument(..., help="The outputs of `refine --shard i/n` (all n)."),
+    out: Path = typer.Option(..., "--out", help="Merged refined params npz (+ manifest)."),
+) -> None:
+    """Join the outputs of a SLURM-array `refine --shard i/n` run into one file aligned with the
+    GT rows (each shard had its own discriminators; torchrun runs share one instead)."""
+    from jregfix.stages.refine import merge_refined
+
+    summary = merge_refined(parts, out)
+    console.print(f"merged {summary['shards']} shards, {summary['frames']} frames -> {out}")

@@ -1,15 +1,18 @@
-"""Order-independent sums of float64 arrays: fixed-point limbs in int64.
+"""Order-independent sums of float64 arrays: each addend split exactly onto fixed binary grids.
 
 Floating-point addition is not associative, so a Gram matrix summed over frames in another
 grouping (shards, ranks of a distributed job, a resumed run) differs in its last bits, and an
-ill-conditioned solve downstream can turn 1e-16 into 1e-7. Here every addend is split exactly
-into 32-bit pieces on fixed binary grids 2^(LOW + 32 k), k = 0..LIMBS-1, and the pieces are
-summed as integers: integer addition is associative, so the total does not depend on the order
-or grouping of the additions (nor on how the additions are spread over processes).
+ill-conditioned solve downstream can turn 1e-16 into 1e-7. Here every addend x is split into
+pieces q_k, each a multiple of its grid 2^e_k (e_k = LOW + 32 k), with |q_k| < 2^(e_k + 32) below
+the top grid. Limb k keeps the running sum of the q_k in a float64; as long as it stays below
+2^(e_k + 53) every such addition is exact, so each limb -- and hence the total, added up limb by
+limb in a fixed order -- does not depend on the order or grouping of the additions (nor on how
+they were spread over processes and combined with an all-reduce).
 
-Range: |x| < 2^(LOW + 32 LIMBS) = 2^64 per addend; bits below 2^LOW = 2^-96 are dropped (an
-absolute error of at most 2^-96 per addend, far below float64 rounding of the values we sum).
-Each limb receives < 2^32 per addition, so 2^31 additions cannot overflow int64.
+Limits: |x| < 2^64 per addend and fewer than 2^20 additions (each limb grows by less than
+2^(e_k + 32) per addition, so it stays below 2^(e_k + 52)); bits of x below 2^LOW = 2^-64 are
+dropped, an absolute error below 2^-65 per addend (for sums of squared metres over frames, far
+below float64 rounding of the totals).
 """
 
 from __future__ import annotations
@@ -18,38 +21,42 @@ import numpy as np
 
 from jregfix.errors import JregfixError
 
-LOW = -96
-LIMBS = 5
-LIMB_BITS = 32
+LOW = -64
+LIMBS = 4
+GRID_STEP = 32
+TOP = LOW + GRID_STEP * (LIMBS - 1)
 
 
 def split_limbs(x: np.ndarray) -> np.ndarray:
-    """float64 array (…) -> int64 limbs (LIMBS, …) with sum_k limbs[k] 2^(LOW+32k) = x
-    (up to the dropped bits below 2^LOW)."""
+    """float64 array (…) -> limbs (LIMBS, …), limb k a multiple of 2^(LOW + 32 k), summing to
+    x up to the dropped bits below 2^LOW."""
     rest = np.array(x, dtype=np.float64)  # a copy: it is consumed below
     if not np.isfinite(rest).all():
         raise JregfixError("cannot sum NaN/inf exactly")
     peak = float(np.abs(rest).max(initial=0.0))
-    if peak >= 2.0 ** (LOW + LIMB_BITS * LIMBS):
+    if peak >= 2.0 ** (TOP + GRID_STEP):
         raise JregfixError(f"value {peak:.3g} is beyond the exact-sum range 2^64 (wrong units?)")
-    limbs = np.zeros((LIMBS, *rest.shape), dtype=np.int64)
+    limbs = np.zeros((LIMBS, *rest.shape))
     for k in reversed(range(LIMBS)):
-        exponent = LOW + LIMB_BITS * k
-        if peak < 2.0 ** exponent:  # every entry is below this grid: the limb stays 0
+        exponent = LOW + GRID_STEP * k
+        if peak < 2.0 ** (exponent - 1):  # everything rounds to 0 on this grid
             continue
-        # scaling by a power of two and truncating are exact; so is removing the truncated part
-        piece = np.trunc(np.ldexp(rest, -exponent))
-        limbs[k] = piece.astype(np.int64)
-        rest -= np.ldexp(piece, exponent)
-        peak = 2.0 ** exponent
+        # adding and removing 1.5 * 2^(e+52) rounds to a multiple of 2^e exactly (|rest| is
+        # far below 2^(e+51)); the remainder rest - piece is exact too
+        shift = 1.5 * 2.0 ** (exponent + 52)
+        piece = limbs[k]
+        np.add(rest, shift, out=piece)
+        piece -= shift
+        rest -= piece
+        peak = 2.0 ** (exponent - 1)
     return limbs
 
 
 def limbs_value(limbs: np.ndarray) -> np.ndarray:
-    """int64 limbs (LIMBS, …) -> float64 (…), a fixed function of the limbs."""
-    out = np.zeros(limbs.shape[1:], dtype=np.float64)
-    for k in range(LIMBS):  # low to high: the same operations for the same limbs
-        out += np.ldexp(limbs[k].astype(np.float64), LOW + LIMB_BITS * k)
+    """Limbs (LIMBS, …) -> float64 (…), a fixed function of the limbs."""
+    out = limbs[0].copy()
+    for k in range(1, LIMBS):  # low to high: the same operations for the same limbs
+        out += limbs[k]
     return out
 
 
@@ -58,10 +65,10 @@ class ExactSum:
 
     def __init__(self, shape: tuple[int, ...], limbs: np.ndarray | None = None):
         self.shape = tuple(shape)
-        self.limbs = np.zeros((LIMBS, *self.shape), np.int64) if limbs is None else limbs
-        if self.limbs.shape != (LIMBS, *self.shape) or self.limbs.dtype != np.int64:
+        self.limbs = np.zeros((LIMBS, *self.shape)) if limbs is None else limbs
+        if self.limbs.shape != (LIMBS, *self.shape) or self.limbs.dtype != np.float64:
             raise JregfixError(f"exact-sum limbs have shape {self.limbs.shape} "
-                               f"({self.limbs.dtype}), expected {(LIMBS, *self.shape)} int64")
+                               f"({self.limbs.dtype}), expected {(LIMBS, *self.shape)} float64")
 
     def add(self, x: np.ndarray) -> None:
         if x.shape != self.shape:

@@ -87,4 +87,11 @@ def owned_chunks(store: ChunkStore, count: int, ranks: Ranks) -> tuple[list[int]
 def merged_chunks(store: ChunkStore, count: int, ranks: Ranks) -> dict[str, np.ndarray] | None:
     """Wait for every rank's chunks; rank 0 gets them concatenated in chunk order, others None."""
     ranks.barrier()
-    return store.concatenate(count) if ranks.is_main else None
+    if not ranks.is_main:
+        return None
+    missing = [i for i in range(count) if not store.done(i)]
+    if missing and ranks.distributed:
+        raise JregfixError(f"rank 0 does not see chunks {missing[:5]} that other ranks wrote "
+                           f"under {store.directory}: --out must be on a filesystem shared by "
+                           "every node")
+    return store.concatenate(count)

@@ -62,11 +62,13 @@ from jregfix.body.rotations import (
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import FOCAL_LENGTH, PinholeCamera, weak_to_cam_t
-from jregfix.io.atomic import save_npz
+from jregfix.io.atomic import read_npz, save_npz
 from jregfix.io.h36m import load_h36m
 from jregfix.io.manifest import (
     ChunkStore,
     chunk_ranges,
+    describe_inputs,
+    fingerprint,
     manifest_path,
     read_manifest,
     stage_record,
@@ -83,6 +85,7 @@ from jregfix.models.discriminator import (
 )
 from jregfix.render.chamfer import chamfer_silhouette_loss
 from jregfix.render.silhouette import hard_silhouette, soft_silhouette
+from jregfix.stages.frames import merged_chunks
 
 TERMS = ("joint", "silhouette", "adversarial")
 # Floors of the automatic weights: below these a term is "already solved" and is not blown up.
@@ -451,9 +454,8 @@ def refine(
         if adversarial:
             _shared_disc_step(disc, ranks, grads, len(members), slots)
 
-    ranks.barrier()  # every rank's chunks are on disk
+    merged = merged_chunks(store, len(ranges), ranks)  # waits for every rank's chunks
     if ranks.is_main:
-        merged = store.concatenate(len(ranges)) if ranges else {}
         result = _assemble(merged, gtd.imgname)
         save_npz(out, **result)
         summary = {
@@ -496,6 +498,49 @@ def _shared_disc_step(disc: Discriminators, ranks: Ranks, grads: torch.Tensor | 
     for j in range(members):
         total += gathered[j % ranks.world_size, j // ranks.world_size]
     disc.step(total / members)
+
+
+def merge_refined(parts: list[str | Path], out: str | Path) -> dict:
+    """Join the outputs of ``refine --shard i/n`` runs (all n, of one run) into ``out``.
+
+    Each shard had its own discriminators (array jobs share nothing); the merged file records
+    that. Rows must cover every GT frame exactly once.
+    """
+    if not parts:
+        raise JregfixError("--merge needs the shard outputs")
+    docs = []
+    for part in parts:
+        doc = read_manifest(manifest_path(part))
+        if doc is None or doc.get("stage") != "refine" or not doc["config"].get("shard"):
+            raise JregfixError(f"{part}: not the output of `refine --shard` (no shard manifest)")
+        docs.append(doc)
+    common = {k: v for k, v in fingerprint(docs[0]).items() if k != "config"}
+    config = {k: v for k, v in docs[0]["config"].items() if k != "shard"}
+    for part, doc in zip(parts, docs, strict=True):
+        same = ({k: v for k, v in fingerprint(doc).items() if k != "config"} == common
+                and {k: v for k, v in doc["config"].items() if k != "shard"} == config)
+        if not same:
+            raise JregfixError(f"{part} belongs to a different run than {parts[0]} "
+                               "(inputs, config or seed differ)")
+    shards = [tuple(d["config"]["shard"]) for d in docs]
+    count = shards[0][1]
+    order = sorted(range(len(parts)), key=lambda i: shards[i])
+    if [shards[i] for i in order] != [(i, count) for i in range(count)]:
+        raise JregfixError(f"--merge needs shards 0..{count - 1} of {count} once each; got "
+                           f"{sorted(f'{i}/{n}' for i, n in shards)}")
+    arrays = [read_npz(parts[i], "refine shard output") for i in order]
+    merged = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+    if not np.array_equal(merged["rows"], np.arange(len(merged["rows"]))):
+        raise JregfixError("the shards' rows do not cover the GT frames exactly once")
+    save_npz(out, **merged)
+    record = {k: docs[0][k] for k in ("stage", "inputs", "seed")}
+    record["config"] = {**config, "shard": None}
+    summary = {"frames": int(len(merged["rows"])), "shards": count,
+               "discriminators": "one per shard (array jobs); torchrun shares one across ranks"}
+    write_manifest(manifest_path(out), record, outputs={"refined": out},
+                   extra={"summary": summary, "merged_from": describe_inputs(
+                       {f"shard_{shards[i][0]}": parts[i] for i in order})})
+    return summary
 
 
 def _assemble(merged: dict, imgname: np.ndarray) -> dict:
