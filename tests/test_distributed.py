@@ -209,3 +209,11 @@ def test_torchrun_fit_regressor_cli_matches_single_process(files, tmp_path):  # 
     assert np.array_equal(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"))
     report = json.loads((tmp_path / "two.npy.json").read_text())
     assert report["processes"] == {"world_size": 2, "backend": "gloo"}
+
+
+def test_single_process_commands_refuse_to_run_under_torchrun(monkeypatch, capsys):
+    from jregfix.cli.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "--gt", "nothing.npz"]) == 1
+    assert "runs in one process" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -25,11 +26,20 @@ console = Console(stderr=True)
 _state = {"debug": False}
 
 
+# the commands that split their work over a torchrun job; the others would just repeat it
+DISTRIBUTED_COMMANDS = ("spin", "silhouettes", "fit-regressor", "refine")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
+            ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+        raise JregfixError(f"`{ctx.invoked_subcommand}` runs in one process; under torchrun "
+                           f"launch one of {', '.join(DISTRIBUTED_COMMANDS)} instead")
 
 
 def join_job(device: str = "cpu") -> Ranks:

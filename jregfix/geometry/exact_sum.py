@@ -30,13 +30,20 @@ TOP = LOW + GRID_STEP * (LIMBS - 1)
 def split_limbs(x: np.ndarray) -> np.ndarray:
     """float64 array (…) -> limbs (LIMBS, …), limb k a multiple of 2^(LOW + 32 k), summing to
     x up to the dropped bits below 2^LOW."""
+    limbs = np.zeros((LIMBS, *np.shape(x)))
+    add_to_limbs(limbs, x)
+    return limbs
+
+
+def add_to_limbs(limbs: np.ndarray, x: np.ndarray) -> None:
+    """limbs += split_limbs(x), in place, with two temporaries of x's size."""
     rest = np.array(x, dtype=np.float64)  # a copy: it is consumed below
     if not np.isfinite(rest).all():
         raise JregfixError("cannot sum NaN/inf exactly")
     peak = float(np.abs(rest).max(initial=0.0))
     if peak >= 2.0 ** (TOP + GRID_STEP):
         raise JregfixError(f"value {peak:.3g} is beyond the exact-sum range 2^64 (wrong units?)")
-    limbs = np.zeros((LIMBS, *rest.shape))
+    piece = np.empty_like(rest)
     for k in reversed(range(LIMBS)):
         exponent = LOW + GRID_STEP * k
         if peak < 2.0 ** (exponent - 1):  # everything rounds to 0 on this grid
@@ -44,12 +51,11 @@ def split_limbs(x: np.ndarray) -> np.ndarray:
         # adding and removing 1.5 * 2^(e+52) rounds to a multiple of 2^e exactly (|rest| is
         # far below 2^(e+51)); the remainder rest - piece is exact too
         shift = 1.5 * 2.0 ** (exponent + 52)
-        piece = limbs[k]
         np.add(rest, shift, out=piece)
         piece -= shift
         rest -= piece
+        limbs[k] += piece
         peak = 2.0 ** (exponent - 1)
-    return limbs
 
 
 def limbs_value(limbs: np.ndarray) -> np.ndarray:
@@ -73,7 +79,7 @@ class ExactSum:
     def add(self, x: np.ndarray) -> None:
         if x.shape != self.shape:
             raise JregfixError(f"adding shape {x.shape} to an exact sum of shape {self.shape}")
-        self.limbs += split_limbs(x)
+        add_to_limbs(self.limbs, x)
 
     def merge(self, other: ExactSum) -> None:
         if other.shape != self.shape:
