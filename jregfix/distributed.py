@@ -98,12 +98,21 @@ class Ranks:
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block before the others (e.g. it clears a stale chunk directory)."""
-        if not self.is_main:
-            self.barrier()
-        yield
+        """Rank 0 runs the block before the others (e.g. it clears a stale chunk directory).
+
+        If it fails there, the other ranks raise too instead of waiting for it forever.
+        """
         if self.is_main:
-            self.barrier()
+            try:
+                yield
+            except BaseException:
+                self.all_true(False)
+                raise
+            self.all_true(True)
+        else:
+            if not self.all_true(True):
+                raise JregfixError("rank 0 failed before this rank could start (see its error)")
+            yield
 
     def _comm_device(self) -> torch.device:
         return torch.device(f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu")

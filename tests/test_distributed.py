@@ -18,6 +18,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from jregfix.distributed import Ranks
+from jregfix.errors import JregfixError
 from jregfix.geometry.exact_sum import ExactSum, limbs_value, split_limbs
 from jregfix.stages.fit_regressor import FitConfig
 from jregfix.stages.refine import RefineConfig
@@ -143,12 +144,18 @@ def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # 
     for c in chunks:  # complete files only (atomic writes), each with its batch's frame
         with np.load(c) as z:
             assert len(z["rows"]) == 1 and np.isfinite(z["pred_rotmat"]).all()
-    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, out, config,
+    # a 3-process job cannot continue a run with 2 batches per discriminator step...
+    from jregfix.body.smpl import SMPLBody
+    from jregfix.stages.refine import refine
+
+    with pytest.raises(JregfixError, match="cannot be dealt out to 3 processes"):
+        refine(*inputs[:3], SMPLBody(smpl_pkl), inputs[3], out, config, ranks=Ranks(0, 3))
+    # ...one process can: it adopts the recorded grouping instead of starting over
+    dist_helpers.launch(dist_helpers.refine_worker, 1, smpl_pkl, inputs, out, config,
                         tmp_path / "resumed_log.npy")
-    logs = [np.load(tmp_path / f"resumed_log_rank{r}.npy") for r in range(2)]
+    log = np.load(tmp_path / "resumed_log_rank0.npy")
     # only the missing batches were optimised, the finished ones were reused
-    assert sum(int(log[0]) for log in logs) == 8 - len(chunks)
-    assert int(logs[0][1]) == len(chunks)
+    assert int(log[0]) == 8 - len(chunks) and int(log[1]) == len(chunks)
     assert out.read_bytes() == (tmp_path / "ref.npz").read_bytes()
     assert not (tmp_path / "out.npz.chunks").exists()
 
@@ -217,3 +224,14 @@ def test_single_process_commands_refuse_to_run_under_torchrun(monkeypatch, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "--gt", "nothing.npz"]) == 1
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_a_failing_rank_names_itself(monkeypatch, capsys):
+    from jregfix.cli.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(["fit-regressor", "--params", "p.npz", "--gt", "g.npz", "--out", "J.npy"]) == 1
+    err = capsys.readouterr().err
+    assert "rank 1 of 2:" in err and "MASTER_ADDR" in err

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except JregfixError as exc:
         if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.quiet = False  # every rank reports its own failure
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f"rank {os.environ.get('RANK', '?')} of {world}: " if world > 1 else ""
+        console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")

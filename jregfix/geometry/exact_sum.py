@@ -9,10 +9,11 @@ the top grid. Limb k keeps the running sum of the q_k in a float64; as long as i
 limb in a fixed order -- does not depend on the order or grouping of the additions (nor on how
 they were spread over processes and combined with an all-reduce).
 
-Limits: |x| < 2^64 per addend and fewer than 2^20 additions (each limb grows by less than
-2^(e_k + 32) per addition, so it stays below 2^(e_k + 52)); bits of x below 2^LOW = 2^-64 are
-dropped, an absolute error below 2^-65 per addend (for sums of squared metres over frames, far
-below float64 rounding of the totals).
+Limits: |x| < 2^64 per addend and at most 2^20 additions: a piece is at most 2^(e_k + 31)
+below the top grid and at most 2^64 on it, so every limb stays below 2^(e_k + 53) (exactly
+representable). Bits of x below 2^LOW = 2^-64 are rounded away, an absolute error of at most
+2^-65 per addend (for sums of squared metres over frames, far below float64 rounding of the
+totals).
 """
 
 from __future__ import annotations

@@ -113,12 +113,15 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 class ChunkStore:
-    """Per-chunk npz files under ``directory``, valid only for one fingerprint."""
+    """Per-chunk npz files under ``directory``, valid only for one fingerprint (and versions)."""
+
+    TAG_FILE = "fingerprint.json"
 
     def __init__(self, directory: str | Path, record: Mapping):
         self.directory = Path(directory)
-        self.tag = fingerprint(record)
-        tag_file = self.directory / "fingerprint.json"
+        # chunks made by another version of the code are not mixed with new ones
+        self.tag = {**fingerprint(record), "versions": versions()}
+        tag_file = self.directory / self.TAG_FILE
         if self.directory.exists():
             old = read_manifest(tag_file)
             if old != _jsonable(self.tag):

@@ -62,6 +62,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from jregfix.body.base import BodyModel, fit_betas
 from jregfix.body.rotations import pose_to_rotmat
@@ -208,8 +209,9 @@ class Accumulator:
 
     vertices (U,) sorted mesh vertex ids of G's rows; gram G (U, U); cross B (K, U);
     joints_gram S (K, K); centred: meshes were centred per frame (root-relative mode).
-    The sums are exact (geometry/exact_sum.py) over per-chunk float64 products, so shards,
-    ranks and resumed runs that cover the same chunks give bit-identical sums.
+    The sums are exact (geometry/exact_sum.py) over per-chunk float64 products, and each
+    product runs on one BLAS thread (a multi-threaded GEMM rounds differently), so shards and
+    ranks that cover the same chunks give bit-identical sums on any thread count.
     """
 
     vertices: np.ndarray
@@ -246,9 +248,11 @@ class Accumulator:
             sub -= meshes.mean(axis=1, dtype=np.float64)[:, None, :]
         a = sub.transpose(1, 0, 2).reshape(len(self.vertices), 3 * n)
         x = np.asarray(joints, dtype=np.float64).transpose(1, 0, 2).reshape(joints.shape[1], 3 * n)
-        self.sums["gram"].add(a @ a.T)  # numpy dispatches a @ a.T to the symmetric BLAS update
-        self.sums["cross"].add(x @ a.T)
-        self.sums["joints_gram"].add(x @ x.T)
+        with threadpool_limits(1, user_api="blas"):
+            gram, cross, joints_gram = a @ a.T, x @ a.T, x @ x.T  # a @ a.T: a symmetric update
+        self.sums["gram"].add(gram)
+        self.sums["cross"].add(cross)
+        self.sums["joints_gram"].add(joints_gram)
         self.frames += n
 
     def merge(self, other: Accumulator) -> None:
@@ -259,7 +263,7 @@ class Accumulator:
         self.frames += other.frames
 
     def all_reduce(self, ranks: Ranks) -> None:
-        """Sum the partial accumulations of every rank (exact: integer limbs)."""
+        """Sum the partial accumulations of every rank (exact: the limbs add without rounding)."""
         for key in self.KEYS:
             limbs = torch.from_numpy(self.sums[key].limbs)
             self.sums[key].limbs = ranks.all_reduce_sum(limbs).numpy()

@@ -72,6 +72,7 @@ from jregfix.io.manifest import (
     manifest_path,
     read_manifest,
     stage_record,
+    versions,
     write_manifest,
 )
 from jregfix.io.masks import load_silhouettes
@@ -355,10 +356,6 @@ def refine(
     config = config or RefineConfig()
     config.validate()
     ranks = ranks or Ranks()
-    group = config.batches_per_disc_step or ranks.world_size
-    if group % ranks.world_size:
-        raise JregfixError(f"--batches-per-disc-step {group} is not a multiple of the "
-                           f"{ranks.world_size} processes")
     out = Path(out)
     prov = check_regressor_provenance(joint_regressor, force)
     gtd = load_h36m(gt)
@@ -382,18 +379,28 @@ def refine(
         i, k = shard
         if not 0 <= i < k:
             raise JregfixError(f"shard {i}/{k}: need 0 <= i < n")
-        rows = np.array_split(rows, k)[i]
-        if len(rows) == 0:
-            raise JregfixError(f"shard {i}/{k} of {n} frames is empty; use fewer shards")
+        # whole batches per shard: a batch's automatic weights depend on all its frames
+        mine = np.array_split(np.arange(len(chunk_ranges(n, config.batch_size))), k)[i]
+        if len(mine) == 0:
+            raise JregfixError(f"shard {i}/{k} of {n} frames ({config.batch_size} per batch) is "
+                               "empty; use fewer shards")
+        rows = rows[mine[0] * config.batch_size:min((mine[-1] + 1) * config.batch_size, n)]
 
     # the device *type* decides the numbers; which GPU a rank uses does not
     record = stage_record("refine", {"init": init, "gt": gt, "silhouettes": silhouettes,
                                      "joint_regressor": joint_regressor, "body": body_file},
-                          {**asdict(config), "batches_per_disc_step": group,
-                           "shard": list(shard) if shard else None,
+                          {**asdict(config), "shard": list(shard) if shard else None,
                            "body": body.name, "device": torch.device(device).type}, config.seed)
+    chunks = out.with_name(out.name + ".chunks")
+    group = config.batches_per_disc_step or _unfinished_group(chunks, record) or ranks.world_size
+    if group % ranks.world_size:
+        raise JregfixError(f"{group} batches per discriminator step (recorded in {chunks} when "
+                           "not given) cannot be dealt out to "
+                           f"{ranks.world_size} processes: use a number of processes that "
+                           "divides it, or pass --batches-per-disc-step (a new value restarts)")
+    record["config"]["batches_per_disc_step"] = group
     with ranks.main_first():
-        store = ChunkStore(out.with_name(out.name + ".chunks"), record)
+        store = ChunkStore(chunks, record)
     ranges = chunk_ranges(len(rows), config.batch_size)
     dev = torch.device(device)
     dtype = body.template.dtype
@@ -481,6 +488,22 @@ def refine(
     return summary
 
 
+def _unfinished_group(chunks: Path, record: dict) -> int | None:
+    """The batches per discriminator step of an unfinished run of this same computation, so
+    that re-running with another number of processes resumes it instead of starting over."""
+    tag = read_manifest(chunks / ChunkStore.TAG_FILE)
+    if not tag or not isinstance(tag.get("config"), dict):
+        return None
+    def without_group(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k != "batches_per_disc_step"}
+
+    new = {**fingerprint(record), "versions": versions()}
+    same = ({**tag, "config": without_group(tag["config"])}
+            == {**new, "config": without_group(new["config"])})
+    group = tag["config"].get("batches_per_disc_step")
+    return group if same and isinstance(group, int) else None
+
+
 def _shared_disc_step(disc: Discriminators, ranks: Ranks, grads: torch.Tensor | None,
                       members: int, slots: int) -> None:
     """One discriminator step on the mean gradient of a group's ``members`` batches.
@@ -529,12 +552,15 @@ def merge_refined(parts: list[str | Path], out: str | Path) -> dict:
         raise JregfixError(f"--merge needs shards 0..{count - 1} of {count} once each; got "
                            f"{sorted(f'{i}/{n}' for i, n in shards)}")
     arrays = [read_npz(parts[i], "refine shard output") for i in order]
-    merged = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+    derived = ("pose", "pose_6d", "camera", "imgname")  # recomputed over all rows at once
+    merged = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0] if k not in derived}
     if not np.array_equal(merged["rows"], np.arange(len(merged["rows"]))):
         raise JregfixError("the shards' rows do not cover the GT frames exactly once")
+    imgname = np.concatenate([a["imgname"] for a in arrays])
+    merged = _assemble(merged, imgname)
     save_npz(out, **merged)
     record = {k: docs[0][k] for k in ("stage", "inputs", "seed")}
-    record["config"] = {**config, "shard": None}
+    record["config"] = {**config, "shard": None, "shards": count}
     summary = {"frames": int(len(merged["rows"])), "shards": count,
                "discriminators": "one per shard (array jobs); torchrun shares one across ranks"}
     write_manifest(manifest_path(out), record, outputs={"refined": out},
