@@ -95,3 +95,43 @@ def merged_chunks(store: ChunkStore, count: int, ranks: Ranks) -> dict[str, np.n
                            f"under {store.directory}: --out must be on a filesystem shared by "
                            "every node")
     return store.concatenate(count)
+
+
+def compute_frame_chunks(store: ChunkStore, ranges: list[tuple[int, int]], ranks: Ranks,
+                         read: Callable[[int], np.ndarray | None], present: np.ndarray,
+                         imgname: np.ndarray, batch_size: int, workers: int,
+                         process: Callable[[list[int], list[np.ndarray]], dict[str, np.ndarray]],
+                         empty: Callable[[], dict[str, np.ndarray]],
+                         progress: Progress | None = None) -> int:
+    """Compute and save this rank's unfinished chunks of a per-frame stage; return how many of
+    its chunks an earlier run had finished.
+
+    ``process(rows, frames)`` maps a batch of readable frames to per-frame arrays; ``empty()``
+    gives the arrays of a chunk without readable frames. Each chunk also stores ``imgname``,
+    ``gt_row`` (the rows kept) and ``skipped_row`` (missing or unreadable images).
+    ``progress(done, total)`` counts this rank's frames.
+    """
+    todo, resumed = owned_chunks(store, len(ranges), ranks)
+    total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
+    done_frames = total - sum(ranges[ci][1] - ranges[ci][0] for ci in todo)
+    for ci in todo:
+        start, stop = ranges[ci]
+        parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
+        rows = [r for r in range(start, stop) if present[r]]
+        for batch_rows, frames in prefetch_batches(read, rows, batch_size, workers):
+            ok = [i for i, f in enumerate(frames) if f is not None]
+            skipped += [batch_rows[i] for i, f in enumerate(frames) if f is None]
+            if ok:
+                parts.append(process([batch_rows[i] for i in ok], [frames[i] for i in ok]))
+                kept += [batch_rows[i] for i in ok]
+            if progress:
+                progress(done_frames + len(kept) + len(skipped), total)
+        arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
+                  else empty())
+        kept_rows = np.asarray(kept, dtype=np.int64)
+        store.save(ci, **arrays, imgname=imgname[kept_rows].astype(str), gt_row=kept_rows,
+                   skipped_row=np.asarray(sorted(skipped), np.int64))
+        done_frames += stop - start
+        if progress:
+            progress(done_frames, total)
+    return resumed

@@ -38,10 +38,9 @@ from jregfix.io.masks import MASK_RES, pack_masks, save_packed_silhouettes, unpa
 from jregfix.stages.frames import (
     Progress,
     chunk_dir,
+    compute_frame_chunks,
     frame_reader,
     merged_chunks,
-    owned_chunks,
-    prefetch_batches,
     resolve_device,
 )
 
@@ -170,34 +169,11 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
     with ranks.main_first():
         store = ChunkStore(chunk_dir(out), record)
     ranges = chunk_ranges(len(data), config.chunk_size)
-    todo, resumed = owned_chunks(store, len(ranges), ranks)
-    total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
-    done_frames = total - sum(ranges[ci][1] - ranges[ci][0] for ci in todo)
     read = frame_reader(data, images, config.skip_missing, crop=False)
-    for ci in todo:
-        start, stop = ranges[ci]
-        parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
-        rows = [r for r in range(start, stop) if present[r]]
-        for batch_rows, imgs in prefetch_batches(read, rows, config.batch_size, config.workers):
-            ok = [i for i, im in enumerate(imgs) if im is not None]
-            skipped += [batch_rows[i] for i, im in enumerate(imgs) if im is None]
-            if ok:
-                dets = detector([imgs[i] for i in ok])
-                good_rows = [batch_rows[i] for i in ok]
-                parts.append(frame_silhouettes(dets, data, good_rows, config))
-                kept += good_rows
-            if progress:
-                progress(done_frames + len(kept) + len(skipped), total)
-        if parts:
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        else:
-            arrays = frame_silhouettes([], data, [], config)
-        kept_rows = np.asarray(kept, dtype=np.int64)
-        store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str), gt_row=kept_rows,
-                   skipped_row=np.asarray(sorted(skipped), np.int64))
-        done_frames += stop - start
-        if progress:
-            progress(done_frames, total)
+    resumed = compute_frame_chunks(
+        store, ranges, ranks, read, present, data.imgname, config.batch_size, config.workers,
+        lambda rows, imgs: frame_silhouettes(detector(imgs), data, rows, config),
+        lambda: frame_silhouettes([], data, [], config), progress)
 
     merged = merged_chunks(store, len(ranges), ranks)
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))

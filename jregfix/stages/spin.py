@@ -35,10 +35,9 @@ from jregfix.models.hmr import build_hmr, normalize_images
 from jregfix.stages.frames import (
     Progress,
     chunk_dir,
+    compute_frame_chunks,
     frame_reader,
     merged_chunks,
-    owned_chunks,
-    prefetch_batches,
     resolve_device,
 )
 
@@ -115,30 +114,11 @@ def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
     with ranks.main_first():
         store = ChunkStore(chunk_dir(out), record)
     ranges = chunk_ranges(len(data), config.chunk_size)
-    todo, resumed = owned_chunks(store, len(ranges), ranks)
-    total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
     read = frame_reader(data, images, config.skip_missing, crop=True)
-    done_frames = total - sum(ranges[ci][1] - ranges[ci][0] for ci in todo)
-    for ci in todo:
-        start, stop = ranges[ci]
-        rows = [r for r in range(start, stop) if present[r]]
-        parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
-        for batch_rows, crops in prefetch_batches(read, rows, config.batch_size, config.workers):
-            ok = [i for i, c in enumerate(crops) if c is not None]
-            skipped += [batch_rows[i] for i, c in enumerate(crops) if c is None]
-            if ok:
-                parts.append(predict_crops(model, np.stack([crops[i] for i in ok]), device))
-                kept += [batch_rows[i] for i in ok]
-            if progress:
-                progress(done_frames + len(kept) + len(skipped), total)
-        arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
-                  else _empty_chunk())
-        kept_rows = np.asarray(kept, dtype=np.int64)
-        store.save(ci, **arrays, imgname=data.imgname[kept_rows].astype(str),
-                   gt_row=kept_rows, skipped_row=np.asarray(sorted(skipped), np.int64))
-        done_frames += stop - start
-        if progress:
-            progress(done_frames, total)
+    resumed = compute_frame_chunks(
+        store, ranges, ranks, read, present, data.imgname, config.batch_size, config.workers,
+        lambda rows, crops: predict_crops(model, np.stack(crops), device), _empty_chunk,
+        progress)
 
     merged = merged_chunks(store, len(ranges), ranks)
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
