@@ -135,3 +135,16 @@ def compute_frame_chunks(store: ChunkStore, ranges: list[tuple[int, int]], ranks
         if progress:
             progress(done_frames, total)
     return resumed
+
+
+def merged_frame_chunks(store: ChunkStore, count: int, ranks: Ranks, imgname: np.ndarray,
+                        source: str) -> tuple[dict[str, np.ndarray] | None, list[str]]:
+    """:func:`merged_chunks` of a per-frame stage: rank 0 gets the arrays (``skipped_row``
+    removed) and the names of the skipped images; an output without any frame is an error."""
+    merged = merged_chunks(store, count, ranks)
+    if merged is None:
+        return None, []
+    skipped_rows = merged.pop("skipped_row")
+    if len(merged["gt_row"]) == 0:
+        raise JregfixError(f"no readable images for any frame of {source}")
+    return merged, [str(imgname[r]) for r in skipped_rows]

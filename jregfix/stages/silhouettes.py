@@ -40,7 +40,7 @@ from jregfix.stages.frames import (
     chunk_dir,
     compute_frame_chunks,
     frame_reader,
-    merged_chunks,
+    merged_frame_chunks,
     resolve_device,
 )
 
@@ -175,18 +175,14 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
         lambda rows, imgs: frame_silhouettes(detector(imgs), data, rows, config),
         lambda: frame_silhouettes([], data, [], config), progress)
 
-    merged = merged_chunks(store, len(ranges), ranks)
+    merged, skipped = merged_frame_chunks(store, len(ranges), ranks, data.imgname,
+                                          f"{h36m} under {images}")
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
-    skipped, fig = [], None
+    fig = None
     if merged is not None:
-        skipped_rows = merged.pop("skipped_row")
-        n_out = len(merged["gt_row"])
-        if n_out == 0:
-            raise JregfixError(f"no readable images under {images} for {h36m}")
         save_packed_silhouettes(out, merged.pop("masks_packed"), (MASK_RES, MASK_RES), **merged)
-        skipped = [str(data.imgname[r]) for r in skipped_rows]
         write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
-                       extra={"frames": n_out, "found": int(merged["found"].sum()),
+                       extra={"frames": len(merged["gt_row"]), "found": int(merged["found"].sum()),
                               "skipped": len(skipped), "skipped_examples": skipped[:20],
                               "processes": ranks.world_size, "run_config": asdict(config)})
         store.remove()

@@ -37,7 +37,7 @@ from jregfix.stages.frames import (
     chunk_dir,
     compute_frame_chunks,
     frame_reader,
-    merged_chunks,
+    merged_frame_chunks,
     resolve_device,
 )
 
@@ -120,15 +120,11 @@ def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
         lambda rows, crops: predict_crops(model, np.stack(crops), device), _empty_chunk,
         progress)
 
-    merged = merged_chunks(store, len(ranges), ranks)
+    merged, skipped = merged_frame_chunks(store, len(ranges), ranks, data.imgname,
+                                          f"{h36m} under {images}")
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
-    skipped = []
     if merged is not None:
-        skipped_rows = merged.pop("skipped_row")
-        if len(merged["gt_row"]) == 0:
-            raise JregfixError(f"no readable images under {images} for {h36m}")
         save_npz(out, **merged)
-        skipped = [str(data.imgname[r]) for r in skipped_rows]
         write_manifest(manifest_path(out), record, outputs={"spin": out},
                        extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
                               "skipped_examples": skipped[:20], "device": str(device),
