@@ -1,28 +1,48 @@
 """VIBE / MEVA demo outputs (``vibe_output.pkl``, ``meva_output.pkl``), read safely.
 
-Both are ``{track_id: {"pose" (n,72), "betas" (n,10), "frame_ids" (n,), "verts" (n,6890,3), ...}}``
-written with ``joblib.dump`` (VIBE) or pickle (conventions.md §7.2-7.3). joblib stores each
-numpy array as a ``NumpyArrayWrapper`` followed by the raw bytes in the stream. We read both
-layouts with a pure-Python unpickler that resolves only an allow-list of globals (numpy array
-reconstruction, the joblib wrapper as an inert stand-in) and reads the raw array bytes
-ourselves, so no code in the file can run. Compressed joblib files (zlib, gzip, bz2, xz) are
-decompressed first.
+What the tools write (mkocabas/VIBE ``demo.py``, ZhengyiLuo/MEVA ``scripts/run_meva_on_video.py``):
+one file per video, ``<output_folder>/<video file name without .mp4>/vibe_output.pkl`` (MEVA:
+``meva_output.pkl``), written with ``joblib.dump``. It holds ``{person_id (int): track}``, one
+entry per tracklet of the multi-person tracker, each a dict of numpy arrays over the track's n
+frames: ``pred_cam`` (n,3), ``orig_cam`` (n,4), ``verts`` (n,6890,3), ``pose`` (n,72)
+axis-angle, ``betas`` (n,10), ``joints3d`` (n,49,3) (all float32 from torch, except
+``orig_cam``, float64), ``joints2d`` (None with box tracking), ``bboxes`` (n,4) float64 square
+boxes (cx, cy, w, h) in original pixels, and ``frame_ids`` (n,) int64: 0-based indices of the
+video's frames (50 fps for Human3.6M). VIBE drops tracks shorter than 25 frames, MEVA shorter
+than 90.
+
+joblib stores each numpy array as a ``NumpyArrayWrapper`` followed by the raw bytes in the
+stream (joblib >= 1.2 adds alignment padding; VIBE's pinned joblib 0.14 does not). We read both
+layouts, and plain pickles, with a pure-Python unpickler that resolves only an allow-list of
+globals (numpy array reconstruction, the joblib wrapper as an inert stand-in) and reads the raw
+array bytes ourselves, so no code in the file can run. Compressed joblib files (zlib, gzip,
+bz2, xz) are decompressed first.
+
+Human3.6M videos are named ``<action>.<camera>.mp4`` (``Directions 1.54138969.mp4``) under
+``S9/Videos/``: the subject is not in the file name, so :func:`video_key` takes it from the
+nearest folder above the per-video folder named like ``S9`` (or from the caller).
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import lzma
 import pickle
+import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jregfix.errors import JregfixError
+from jregfix.io.h36m import h36m_imgname
+
+TRACK_FILES = {"vibe": "vibe_output.pkl", "meva": "meva_output.pkl"}
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -103,22 +123,100 @@ def _decompressed(raw: bytes) -> bytes:
 
 def load_tracks(path: str | Path) -> dict:
     """Read a VIBE/MEVA output pickle into ``{track_id: {key: array}}``."""
+    return read_tracks(path)[0]
+
+
+def read_tracks(path: str | Path) -> tuple[dict, str]:
+    """:func:`load_tracks` plus the file's sha256 (from the same read: the files are large)."""
     path = Path(path)
     if not path.is_file():
         raise JregfixError(f"{path}: no such file")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
     try:
-        raw = _decompressed(path.read_bytes())
-        obj = _SafeUnpickler(io.BytesIO(raw)).load()
+        obj = _SafeUnpickler(io.BytesIO(_decompressed(raw))).load()
     except pickle.UnpicklingError as exc:
         raise JregfixError(f"{path}: refused: {exc}") from None
     except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             struct.error, zlib.error, OSError, lzma.LZMAError) as exc:
         raise JregfixError(f"{path}: not a readable VIBE/MEVA output ({exc})") from None
-    if not isinstance(obj, dict) or not obj:
-        raise JregfixError(f"{path}: expected a non-empty dict of tracks, got {type(obj).__name__}")
+    if not isinstance(obj, dict):  # empty is real: MEVA writes {} when every track is < 90 frames
+        raise JregfixError(f"{path}: expected a dict of tracks, got {type(obj).__name__}; is "
+                           "this a VIBE/MEVA demo output?")
     for tid, track in obj.items():
         if not isinstance(track, dict):
             raise JregfixError(f"{path}: track {tid!r} is a {type(track).__name__}, not a dict")
         if "frame_ids" not in track:
             raise JregfixError(f"{path}: track {tid!r} lacks 'frame_ids'")
-    return obj
+    return obj, digest
+
+
+def track_files(path: str | Path, method: str) -> list[Path]:
+    """The output files of a method: ``path`` itself, or every ``vibe_output.pkl`` (MEVA:
+    ``meva_output.pkl``) in the folder ``path`` and below, sorted."""
+    path = Path(path)
+    name = TRACK_FILES[method]
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise JregfixError(f"{path}: no such file or folder (give a {name} or the folder that "
+                           f"holds <video>/{name})")
+    files = sorted(p for p in path.rglob(name) if p.is_file())
+    if not files:
+        others = [n for n in TRACK_FILES.values() if n != name and any(path.rglob(n))]
+        hint = f"; it holds {others[0]} files: is --method right?" if others else \
+            f"; {method}'s demo writes <output_folder>/<video name>/{name}"
+        raise JregfixError(f"{path}: no {name} in this folder or below{hint}")
+    return files
+
+
+@dataclass(frozen=True)
+class VideoKey:
+    """A Human3.6M video: ``subject`` 'S9', ``action`` as in the file name ('Directions 1'),
+    ``camera`` '54138969'."""
+
+    subject: str
+    action: str
+    camera: str
+
+    def imgname(self, frame: int) -> str:
+        """SPIN's image name numbered ``frame``: ``images/S9_Directions_1.54138969_000006.jpg``."""
+        return h36m_imgname(self.subject, self.action, self.camera, frame)
+
+    def __str__(self) -> str:
+        return f"{self.subject}/{self.action}.{self.camera}"
+
+
+_SUBJECT = re.compile(r"S\d+")
+# '<action>.<camera>' as Human3.6M names its videos; a leading 'S9_' / 'S9 ' is also accepted
+_VIDEO = re.compile(r"(?:(S\d+)[ _])?(.+)\.(\d+)")
+
+
+def video_key(track_file: str | Path, subject: str | None = None) -> VideoKey:
+    """The Human3.6M video a per-video output file came from.
+
+    The video name is the name of the file's folder (VIBE/MEVA name it after the video,
+    ``Directions 1.54138969``). The subject is, in this order: a leading ``S9_`` in that name,
+    the nearest folder above named like ``S9`` (``S9/Directions 1.54138969/vibe_output.pkl``),
+    or ``subject``. A subject in the path that contradicts ``subject`` is an error.
+    """
+    track_file = Path(track_file)
+    folder = track_file.absolute().parent
+    m = _VIDEO.fullmatch(folder.name)
+    if m is None:
+        raise JregfixError(f"{track_file}: its folder '{folder.name}' is not a Human3.6M video "
+                           "name '<action>.<camera>' (e.g. 'Directions 1.54138969'); keep the "
+                           "demo's per-video folders, or use --frame-ids rows")
+    found = m.group(1) or next((p.name for p in folder.parents if _SUBJECT.fullmatch(p.name)),
+                               None)
+    if found and subject and found != subject:
+        raise JregfixError(f"{track_file}: the path says subject {found} but --subject says "
+                           f"{subject}; drop --subject or fix the folder")
+    found = found or subject
+    if not found:
+        raise JregfixError(f"{track_file}: cannot tell the subject of video '{folder.name}' "
+                           "(Human3.6M video names do not contain it); put the video folders "
+                           "under a folder named like S9, or pass --subject")
+    if not _SUBJECT.fullmatch(found):
+        raise JregfixError(f"--subject {found!r}: expected a Human3.6M subject like S9 or S11")
+    return VideoKey(found, m.group(2), m.group(3))

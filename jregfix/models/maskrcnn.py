@@ -1,13 +1,28 @@
 """Person masks from torchvision's Mask R-CNN (ResNet-50 FPN, COCO), the authors' segmenter.
 
-Built with ``weights=None, weights_backbone=None`` (nothing is downloaded); weights come from
-``--weights`` or torchvision's own cache file, ``<torch hub dir>/checkpoints/`` +
-:data:`TORCHVISION_FILE`. A backend is any callable ``images -> detections`` with this module's
-:func:`detect_people` contract, so other segmenters can plug into the silhouettes stage.
+Weights come from ``--weights`` or torchvision's own cache file, ``<torch hub dir>/checkpoints/``
++ :data:`TORCHVISION_FILE`; nothing is downloaded. Two COCO releases load, told apart by their keys:
+
+- ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth`` (torchvision 0.3, 2019): trained on a frozen
+  ImageNet backbone, so its 53 backbone norms are ``FrozenBatchNorm2d`` (weight, bias,
+  running mean and variance, no ``num_batches_tracked``): 307 tensors. It was trained when
+  frozen batch norm added no epsilon to the variance; later torchvision defaults to 1e-5 and
+  resets it to 0 when loading these weights, and so do we, so outputs match torchvision's.
+  The file also predates torchvision's conv blocks: its 26 RPN, FPN and mask-head tensors carry
+  the old names (see :func:`current_name`).
+- ``maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth`` (torchvision 0.13, 2022): trainable
+  ``BatchNorm2d`` throughout, a two-conv RPN head and conv box/mask heads; torchvision's
+  ``maskrcnn_resnet50_fpn_v2`` builds it.
+
+Any other file is refused with a one-line guess of what it is. A backend is any callable
+``images -> detections`` with :func:`detect_people`'s contract, so other segmenters can plug into
+the silhouettes stage.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +32,11 @@ from jregfix.errors import JregfixError
 
 TORCHVISION_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 TORCHVISION_URL = "https://download.pytorch.org/models/" + TORCHVISION_FILE
+TORCHVISION_V2_FILE = "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"
+COCO_CLASSES = 91  # torchvision's COCO label space: background + 90 ids, some unused
 COCO_PERSON = 1
+MASKRCNN_V1 = "torchvision's Mask R-CNN R50-FPN (COCO release, frozen batch norm)"
+MASKRCNN_V2 = "torchvision's Mask R-CNN R50-FPN v2"
 
 
 def default_weights_path() -> Path:
@@ -25,21 +44,106 @@ def default_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILE
 
 
+def identify_state_dict(keys: Iterable[str]) -> tuple[str | None, str]:
+    """Which network a state dict's key names belong to: ``("v1" | "v2" | None, description)``.
+
+    Only the two Mask R-CNN releases get a variant; the description names what else it looks
+    like, for one-line errors.
+    """
+    keys = set(keys)
+    if keys and all(k.startswith("module.") for k in keys):
+        return None, "a model saved from (Distributed)DataParallel: every key starts with 'module.'"
+    v2_heads = "roi_heads.box_head.0.0.weight" in keys  # v2's box head is convolutional
+    if "roi_heads.keypoint_predictor.kps_score_lowres.weight" in keys:
+        return None, "torchvision's Keypoint R-CNN"
+    if "roi_heads.mask_predictor.mask_fcn_logits.weight" in keys:
+        if v2_heads:
+            return "v2", MASKRCNN_V2
+        if any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked")
+               for k in keys):
+            return None, ("a Mask R-CNN R50-FPN built with trainable BatchNorm2d (it has "
+                          "num_batches_tracked), not the COCO release's frozen batch norm")
+        return "v1", MASKRCNN_V1
+    if "roi_heads.box_predictor.cls_score.weight" in keys:
+        return None, f"torchvision's Faster R-CNN{' v2' if v2_heads else ''} (no mask head)"
+    if "head.classification_head.cls_logits.weight" in keys:
+        return None, "a single-stage detector (RetinaNet/FCOS, no mask head)"
+    if {"decpose.weight", "deccam.weight"} <= keys:
+        return None, "SPIN's HMR regressor (model_checkpoint.pt / spin_model_checkpoint.pth.tar)"
+    if {"fc.weight", "layer4.0.conv1.weight"} <= keys:
+        return None, "a plain ResNet ImageNet classifier (no detection heads)"
+    return None, f"an unrecognised state dict ({len(keys)} tensors, e.g. {sorted(keys)[:2]})"
+
+
+def current_name(key: str) -> str:
+    """Today's torchvision name of a tensor named as in the 2019 release.
+
+    torchvision has since wrapped these convolutions in conv blocks: ``rpn.head.conv.weight`` ->
+    ``rpn.head.conv.0.0.weight``, ``backbone.fpn.inner_blocks.2.bias`` ->
+    ``backbone.fpn.inner_blocks.2.0.bias`` (also ``layer_blocks``) and
+    ``roi_heads.mask_head.mask_fcn1.weight`` -> ``roi_heads.mask_head.0.0.weight``. Other names
+    are unchanged; torchvision renames the same way when it loads the old file.
+    """
+    if m := re.fullmatch(r"rpn\.head\.conv\.(weight|bias)", key):
+        return f"rpn.head.conv.0.0.{m[1]}"
+    if m := re.fullmatch(r"(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)", key):
+        return f"{m[1]}.0.{m[2]}"
+    if m := re.fullmatch(r"roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)", key):
+        return f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}"
+    return key
+
+
+def _architecture(variant: str, min_size: int, max_size: int) -> torch.nn.Module:
+    """The module tree torchvision builds for that release's weights (random initialisation)."""
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if variant == "v2":
+        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None,
+                                        num_classes=COCO_CLASSES, min_size=min_size,
+                                        max_size=max_size)
+    # maskrcnn_resnet50_fpn(weights=None) would use BatchNorm2d: frozen norms only come with
+    # weights it downloads, so the same tree is assembled here from its public parts.
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=FrozenBatchNorm2d)
+    model = MaskRCNN(backbone, num_classes=COCO_CLASSES, min_size=min_size, max_size=max_size)
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = 0.0  # the 2019 weights were trained without an epsilon
+    return model
+
+
+def read_maskrcnn_weights(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Load a weights file and tell which release it is laid out as: ``(variant, state_dict)``.
+
+    Keys come back under today's names. Other networks are refused here, NaN/inf tensors by the
+    checkpoint reader; the exact key set and shapes are checked against the built model in
+    :func:`build_maskrcnn`.
+    """
+    from jregfix.io.checkpoint import load_state_dict_file
+
+    state = load_state_dict_file(path)
+    variant, what = identify_state_dict(state)
+    if variant is None:
+        raise JregfixError(f"{path}: looks like {what}, not torchvision's Mask R-CNN COCO "
+                           f"weights; pass --weights {TORCHVISION_FILE} ({TORCHVISION_URL})")
+    return variant, {current_name(k): v for k, v in state.items()}
+
+
 def build_maskrcnn(weights: str | Path | None = None, random_seed: int | None = None,
                    min_size: int = 800, max_size: int = 1333) -> torch.nn.Module:
-    """Mask R-CNN R50-FPN in eval mode.
+    """Mask R-CNN R50-FPN in eval mode, strictly loaded with a COCO release.
 
-    ``weights``: a state_dict file (default: torchvision's cache file). ``random_seed``: skip
-    loading and keep a seeded random initialisation (tests and benchmarks only).
-    ``min_size``/``max_size`` are torchvision's input resize bounds (defaults as trained).
+    ``weights``: a state_dict file (default: torchvision's cache file); v1 or v2 is chosen from
+    its keys. ``random_seed``: skip loading and keep a seeded random initialisation of the v1
+    architecture (tests and benchmarks only). ``min_size``/``max_size`` are torchvision's input
+    resize bounds (defaults as trained).
     """
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
-    kwargs = dict(weights=None, weights_backbone=None, min_size=min_size, max_size=max_size)
     if random_seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_seed)
-            return maskrcnn_resnet50_fpn(**kwargs).eval()
+            return _architecture("v1", min_size, max_size).eval()
     path = Path(weights) if weights is not None else default_weights_path()
     if not path.is_file():
         raise JregfixError(
@@ -47,18 +151,18 @@ def build_maskrcnn(weights: str | Path | None = None, random_seed: int | None = 
             f"connected machine and place it at {default_weights_path()} (torchvision's cache) "
             "or pass --weights PATH"
         )
-    from jregfix.io.checkpoint import load_state_dict_file
-
-    model = maskrcnn_resnet50_fpn(**kwargs)
-    state = load_state_dict_file(path)
+    variant, state = read_maskrcnn_weights(path)
+    model = _architecture(variant, min_size, max_size)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
-        raise JregfixError(f"{path}: not torchvision Mask R-CNN R50-FPN COCO weights: "
-                           f"missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                           f"wrong shape {wrong[:3]}")
+        raise JregfixError(f"{path}: looks like {identify_state_dict(state)[1]} but does not "
+                           f"match its COCO release: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}, wrong shape {wrong[:2]}; use the unmodified "
+                           f"{TORCHVISION_FILE} ({TORCHVISION_URL})")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
