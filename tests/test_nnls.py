@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from jregfix.geometry.nnls import BlockGramHessian, DenseHessian, solve_nnls
+from jregfix.geometry.nnls import (
+    BlockGramHessian,
+    DenseHessian,
+    _PassiveBlocks,
+    kkt_check,
+    kkt_from_gradient,
+    solve_nnls,
+)
 
 TOL = 1e-9
 
@@ -99,4 +106,54 @@ def test_block_gram_hessian_equals_explicit_kronecker_matrix():
     np.testing.assert_allclose(hess.matvec(w), dense @ w, rtol=1e-12, atol=1e-12)
     idx = np.array([0, 2, 5, 9, 10])
     np.testing.assert_allclose(hess.submatrix(idx), dense[np.ix_(idx, idx)], rtol=1e-13)
+    other = np.array([1, 2, 3, 7, 9])
+    np.testing.assert_allclose(hess.block(other, idx), dense[np.ix_(other, idx)], rtol=1e-13)
     np.testing.assert_allclose(hess.diagonal(), np.diag(dense), rtol=1e-13)
+    # the solver's incremental passive-set matrices: the same numbers as a fresh gather, as
+    # variables enter and leave
+    blocks = _PassiveBlocks(hess)
+    for idx in ([0, 2, 5], [0, 2, 5, 9, 10], [2, 9, 10], [1, 2, 3, 9, 10], [4]):
+        idx = np.array(idx)
+        assert np.array_equal(blocks.submatrix(idx), hess.submatrix(idx))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_warm_start_from_a_smaller_problem_reaches_the_same_optimum(exact):
+    """Column generation: the optimum over the first 20 columns, padded with zeros, warm-starts
+    the problem over all 60; it must reach the cold start's objective and KKT point."""
+    rng = np.random.default_rng(7)
+    a, x = _problem(rng, rows=150, cols=60)
+    lam = 0.0 if exact else 5.0
+    h, c = a.T @ a + lam, a.T @ x + lam
+    groups = np.zeros(60, dtype=int) if exact else None
+    small = solve_nnls(DenseHessian(h[:20, :20]), c[:20], groups=None if groups is None
+                       else groups[:20], exact=exact, tol=TOL)
+    w0 = np.concatenate([small.w, np.zeros(40)])
+    warm = solve_nnls(DenseHessian(h), c, groups=groups, exact=exact, tol=TOL, w0=w0)
+    cold = solve_nnls(DenseHessian(h), c, groups=groups, exact=exact, tol=TOL)
+    assert warm.converged and _kkt_ok(h, c, warm.w, exact, TOL)
+    f = lambda w: 0.5 * w @ h @ w - c @ w  # noqa: E731
+    assert abs(f(warm.w) - f(cold.w)) <= 1e-10 * abs(f(cold.w))
+    assert not _kkt_ok(h, c, w0, exact, TOL)  # the padded start is not optimal: work was done
+
+
+def test_kkt_from_a_streamed_gradient_equals_the_operator_check():
+    rng = np.random.default_rng(8)
+    a, x = _problem(rng, rows=80, cols=30)
+    h, c = a.T @ a, a.T @ x
+    w = np.where(rng.random(30) < 0.3, rng.random(30), 0.0)
+    g = a.T @ (a @ w - x)  # the gradient as a residual pass computes it: A^T (A w - x)
+    groups = np.repeat([0, 1, 2], 10)
+    for exact in (False, True):
+        ref = kkt_check(DenseHessian(h), c, w, groups, exact)
+        got = kkt_from_gradient(g, w, groups, exact)
+        assert got["violation"] == pytest.approx(ref["violation"], rel=1e-9)
+        # from scratch: the reduced gradient off the support, minus each row's mean on it
+        d = g.copy()
+        if exact:
+            for r in range(3):
+                sel = groups == r
+                d[sel] -= g[sel & (w > 0)].mean()
+        on = w > 0
+        expected = max(-d[~on].min(), np.abs(d[on]).max(), 0.0)
+        assert got["violation"] == pytest.approx(expected, rel=1e-9)

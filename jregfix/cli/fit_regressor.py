@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from jregfix.cli.app import app, console, join_job, progress_bar
+from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP
 from jregfix.errors import JregfixError
+from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.stages.fit_regressor import (
     ABSOLUTE,
     ROOT_RELATIVE,
@@ -49,13 +51,27 @@ def fit_regressor_command(
     shard: str = typer.Option(None, "--shard", help="i/n: accumulate shard i of n only."),
     merge: bool = typer.Option(False, "--merge", help="Add shard files (PARTS) and solve."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Frames per accumulation chunk."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help="Where --smpl poses the meshes: "
+                               + DEVICE_HELP),
+    certify: bool = typer.Option(None, "--certify/--no-certify", help="Certify the optimum "
+                                 "over all vertices (default; extra passes over the frames, "
+                                 "so --merge then needs the shards' --params/--gt/--smpl) or "
+                                 "solve on the candidate vertices only."),
 ) -> None:
     """Fit a 17xV joint regressor to Human3.6M ground truth by exact NNLS (sum-to-one term)."""
+    refuse_overwriting_inputs({"PARTS": parts, "--params": params, "--gt": gt, "--smpl": smpl,
+                               "--init-regressor": init_regressor},
+                              {"--out": out, "--json": json_out})
     if merge:
         if shard is not None:
             raise JregfixError("--merge and --shard cannot be combined")
-        report = run_merge(parts or [], out, json_out)
-        _print_report(report, out)
+        ranks = join_job()
+        with progress_bar("certifying (frames streamed)", None) as advance:
+            report = run_merge(parts or [], out, json_out, params=params, gt=gt,
+                               body=_smpl_body(smpl, ranks, device), certify=certify,
+                               smpl=smpl, progress=advance, ranks=ranks)
+        if ranks.is_main:
+            _print_report(report, out)
         return
     if parts:
         raise JregfixError(f"unexpected arguments {[str(p) for p in parts]} (only with --merge)")
@@ -63,22 +79,34 @@ def fit_regressor_command(
         raise JregfixError("--params and --gt are required (or --merge PARTS...)")
     config = FitConfig(mode=ABSOLUTE if absolute else ROOT_RELATIVE,
                        sum_to_one_weight=sum_to_one_weight, exact_sum_to_one=exact_sum_to_one,
-                       support=support, chunk_size=chunk_size)
+                       support=support, chunk_size=chunk_size,
+                       certify=True if certify is None else certify)
     chosen = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
-    ranks = join_job()
+    ranks = join_job()  # the exact sums are all-reduced on the CPU (gloo)
+    body = _smpl_body(smpl, ranks, device)
     inputs = load_inputs(params, gt, smpl, out, config, chosen, allow_test_subjects,
-                         init_regressor)
-    share = len(inputs.index) // ranks.world_size + 1  # rank 0's bar shows its own share
+                         init_regressor, body=body)
     if shard is not None:
+        share = len(inputs.index) // ranks.world_size + 1  # rank 0's bar shows its own share
         i, n = _parse_shard(shard)
         with progress_bar(f"accumulating shard {i}/{n}", share // n + 1) as advance:
             meta = run_shard(inputs, out, config, (i, n), advance, ranks)
         console.print(f"shard {i}/{n}: {meta['frames']} frames -> {out}")
         return
-    with progress_bar("accumulating", share) as advance:
+    # the pilot, the accumulation and each certification pass stream the frames
+    with progress_bar("accumulating and certifying (frames streamed)", None) as advance:
         report = run_fit(inputs, out, config, json_out, advance, ranks)
     if ranks.is_main:
         _print_report(report, out)
+
+
+def _smpl_body(smpl: Path | None, ranks, device: str):
+    if smpl is None:
+        return None
+    from jregfix.body.smpl import SMPLBody
+
+    dev = ranks.device(device)  # a bad --device fails before the model file is read
+    return SMPLBody(smpl).to(dev)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -105,5 +133,12 @@ def _print_report(report: dict, out: Path) -> None:
     console.print(f"regressor -> {out} (provenance {out}.json); "
                   f"time {sum(v for k, v in t.items() if k != 'total'):.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB")
+    cert = res["certification"]
+    if res["kkt_global_relative_max"] is not None:
+        console.print(f"KKT over all vertices: {res['kkt_global_relative_max']:.1e} (relative); "
+                      f"{cert['rounds']} column-generation rounds added "
+                      f"{cert['vertices_added_per_round']} vertices, {cert['passes']} "
+                      "certification passes over the frames")
     if not res["converged"]:
-        console.print("[yellow]warning:[/] the solver stopped before reaching the KKT tolerance")
+        why = cert.get("note") or "the solver stopped before reaching the KKT tolerance"
+        console.print(f"[yellow]warning:[/] not certified over all vertices: {why}")

@@ -7,8 +7,10 @@ Every problem here is the convex quadratic program
 for a least-squares objective ||A w - x||^2 + lam (1^T w - 1)^2 = 2 f(w) + const with
 H = A^T A + lam 1 1^T and c = A^T x + lam 1. The bracketed equality per group of variables is the
 exact "simplex" mode (each regressor row is a convex combination of vertices); it replaces the
-penalty. H is never required as a dense matrix: the solver only needs ``matvec`` and the small
-sub-matrix on the current support (:class:`DenseHessian`, :class:`BlockGramHessian`).
+penalty. H is never required as a dense matrix: the solver only needs ``matvec``, ``diagonal``
+and small blocks ``block(rows, cols)`` on the current support (:class:`DenseHessian`,
+:class:`BlockGramHessian`); the passive-set matrix is kept between iterations and only the rows
+of entering variables are gathered.
 
 Algorithm: Lawson & Hanson's active-set method (primal, feasible iterates), generalised to the
 per-group equality constraints by solving the KKT system on the passive set. It stops when the
@@ -22,6 +24,10 @@ Passive-set systems are solved with a ridge of ``ridge * s`` (1e-14 s: a safegua
 dependent vertices, far below the tolerance) and two steps of iterative refinement; the KKT
 conditions are evaluated on the unregularised problem. Several variables (the worst of each
 row) enter per iteration; when that makes no progress, one at a time, as in Lawson-Hanson.
+A warm start ``w0`` (e.g. the optimum of a smaller problem padded with zeros, as in column
+generation) makes its support the first passive set. The KKT test lives here once
+(:func:`reduced_gradient`, :func:`kkt_violation_from`, :func:`kkt_from_gradient`), also for
+gradients computed elsewhere, e.g. streamed over variables the Hessian operator never held.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ class DenseHessian:
         return self.matrix[:, nz] @ w[nz]
 
     def submatrix(self, idx: np.ndarray) -> np.ndarray:
-        return self.matrix[np.ix_(idx, idx)]
+        return self.block(idx, idx)
+
+    def block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.matrix[np.ix_(rows, cols)]
 
     def diagonal(self) -> np.ndarray:
         return np.diag(self.matrix).copy()
@@ -76,19 +85,27 @@ class BlockGramHessian:
     def matvec(self, w: np.ndarray) -> np.ndarray:
         nz = np.flatnonzero(w)
         rows = self.row_of[nz]
-        # y[k] = G[:, S_k] w_k for every row k, then mix rows with M.
-        y = np.zeros((self.num_rows, self.gram.shape[0]))
-        cols = self.gram[:, self.vert_of[nz]] * w[nz]
-        for k in np.unique(rows):
-            y[k] = cols[:, rows == k].sum(1)
-        z = self.coupling @ y
+        # y[k] = G[:, S_k] w_k for every row k (one product over the used vertices' rows of
+        # the symmetric G), then mix rows with M.
+        used, col = np.unique(self.vert_of[nz], return_inverse=True)
+        weights = np.zeros((self.num_rows, len(used)))
+        weights[rows, col] = w[nz]  # (row, vertex) pairs are distinct
+        z = self.coupling @ (weights @ self.gram[used])
         sums = np.bincount(rows, weights=w[nz], minlength=self.num_rows)
         return z[self.row_of, self.vert_of] + self.penalty * sums[self.row_of]
 
     def submatrix(self, idx: np.ndarray) -> np.ndarray:
-        r, v = self.row_of[idx], self.vert_of[idx]
-        same = r[:, None] == r[None, :]
-        return self.coupling[np.ix_(r, r)] * self.gram[np.ix_(v, v)] + self.penalty * same
+        return self.block(idx, idx)
+
+    def block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """H[rows, cols]: G is gathered once per distinct vertex pair (rows share vertices)."""
+        ra, va = self.row_of[rows], self.vert_of[rows]
+        rb, vb = self.row_of[cols], self.vert_of[cols]
+        ua, ia = np.unique(va, return_inverse=True)
+        ub, ib = np.unique(vb, return_inverse=True)
+        gram = self.gram[np.ix_(ua, ub)][np.ix_(ia, ib)]
+        same = ra[:, None] == rb[None, :]
+        return self.coupling[np.ix_(ra, rb)] * gram + self.penalty * same
 
     def diagonal(self) -> np.ndarray:
         r = self.row_of
@@ -97,9 +114,11 @@ class BlockGramHessian:
 
 @dataclass
 class NNLSResult:
-    """Solution ``w`` (P,), KKT diagnostics (absolute and relative to ``scale``), iterations."""
+    """Solution ``w`` (P,), its reduced gradient (P,), KKT diagnostics (absolute and relative to
+    ``scale``), iterations."""
 
     w: np.ndarray
+    reduced_gradient: np.ndarray
     kkt_violation: float
     kkt_relative: float
     scale: float
@@ -109,11 +128,13 @@ class NNLSResult:
 
 def solve_nnls(hess, c: np.ndarray, groups: np.ndarray | None = None, exact: bool = False,
                tol: float = DEFAULT_TOL, ridge: float = DEFAULT_RIDGE,
-               max_iter: int | None = None) -> NNLSResult:
+               max_iter: int | None = None, w0: np.ndarray | None = None) -> NNLSResult:
     """Minimise 1/2 w^T H w - c^T w over w >= 0 (and, if ``exact``, sum_{groups == r} w = 1).
 
     hess: a :class:`DenseHessian`-like operator of size P; c (P,); groups (P,) int row index of
     each variable (required when ``exact``; in penalty mode it only batches additions).
+    w0 (P,): a feasible warm start (w0 >= 0, rows summing to one if ``exact``), e.g. the
+    optimum of a smaller problem padded with zeros; its support is the first passive set.
     """
     c = np.asarray(c, dtype=np.float64)
     size = hess.size
@@ -122,12 +143,15 @@ def solve_nnls(hess, c: np.ndarray, groups: np.ndarray | None = None, exact: boo
     diag = hess.diagonal()
     scale = float(max(np.abs(c).max(initial=0.0), np.abs(diag).max(initial=0.0), 1e-300))
     tol_abs = tol * scale
-    original, hess = hess, _Ridge(hess, ridge * scale)
+    original, hess = hess, _PassiveBlocks(_Ridge(hess, ridge * scale))
     max_iter = max_iter if max_iter is not None else 100 + 10 * size
 
     w = np.zeros(size)
     passive = np.zeros(size, dtype=bool)
-    if exact:
+    if w0 is not None:
+        w[:] = np.maximum(np.asarray(w0, dtype=np.float64), 0.0)
+        passive = w > 0
+    if exact and w0 is None:
         # Feasible start: each row on its single best vertex (least 1/2 H_ii - c_i).
         for r in range(num_groups):
             idx = np.flatnonzero(groups == r)
@@ -140,7 +164,7 @@ def solve_nnls(hess, c: np.ndarray, groups: np.ndarray | None = None, exact: boo
     converged = False
     while iterations < max_iter:
         iterations += 1
-        d = _reduced_gradient(hess.matvec(w) - c, passive, groups, num_groups, exact)
+        d = reduced_gradient(hess.matvec(w) - c, passive, groups, exact, num_groups)
         free = ~passive & ~blocked
         if not free.any() or d[free].min() >= -tol_abs:
             converged = True
@@ -156,10 +180,40 @@ def solve_nnls(hess, c: np.ndarray, groups: np.ndarray | None = None, exact: boo
             stalled = True  # the batch made no progress: enter one variable at a time
         else:
             blocked[enter] = True  # numerically unable to enter; retry after the next change
-    d = _reduced_gradient(original.matvec(w) - c, w > 0, groups, num_groups, exact)
+    d = reduced_gradient(original.matvec(w) - c, w > 0, groups, exact, num_groups)
     viol = kkt_violation_from(d, w)
     converged = converged and viol <= tol_abs
-    return NNLSResult(w, viol, viol / scale, scale, iterations, converged)
+    return NNLSResult(w, d, viol, viol / scale, scale, iterations, converged)
+
+
+class _PassiveBlocks:
+    """The operator, with ``submatrix`` built incrementally: the passive set changes by a few
+    variables per iteration, so only the new variables' rows of H are gathered (each entry is
+    the same number the full gather gives, so the iterates do not change)."""
+
+    def __init__(self, hess):
+        self.hess, self.size = hess, hess.size
+        self.idx, self.h = np.zeros(0, dtype=np.int64), np.zeros((0, 0))
+
+    def matvec(self, w):
+        return self.hess.matvec(w)
+
+    def diagonal(self):
+        return self.hess.diagonal()
+
+    def submatrix(self, idx):
+        """H[idx, idx] for sorted ``idx``."""
+        kept = np.isin(idx, self.idx, assume_unique=True)
+        pos = np.searchsorted(self.idx, idx[kept])
+        h = np.empty((len(idx),) * 2)
+        h[np.ix_(kept, kept)] = self.h[np.ix_(pos, pos)]
+        new = ~kept
+        if new.any():
+            block = self.hess.block(idx[new], idx)
+            h[new] = block
+            h[:, new] = block.T  # H is symmetric
+        self.idx, self.h = idx, h
+        return h
 
 
 class _Ridge:
@@ -174,7 +228,10 @@ class _Ridge:
         return self.hess.matvec(w) + self.delta * w
 
     def submatrix(self, idx):
-        return self.hess.submatrix(idx) + self.delta * np.eye(len(idx))
+        return self.block(idx, idx)
+
+    def block(self, rows, cols):
+        return self.hess.block(rows, cols) + self.delta * (rows[:, None] == cols[None, :])
 
     def diagonal(self):
         return self.hess.diagonal() + self.delta
@@ -194,24 +251,35 @@ def kkt_violation_from(d: np.ndarray, w: np.ndarray) -> float:
 def kkt_check(hess, c: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None,
               exact: bool = False) -> dict:
     """KKT diagnostics of any candidate ``w`` (independent of how it was found)."""
-    groups = np.zeros(len(w), dtype=np.int64) if groups is None else np.asarray(groups)
-    num_groups = int(groups.max()) + 1 if len(w) else 0
-    g = hess.matvec(w) - c
-    d = _reduced_gradient(g, w > 0, groups, num_groups, exact)
+    return kkt_from_gradient(hess.matvec(w) - c, w, groups, exact)
+
+
+def kkt_from_gradient(g: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None,
+                      exact: bool = False) -> dict:
+    """KKT diagnostics from the gradient g = H w - c (P,) of a candidate ``w`` (P,), however
+    g was computed (e.g. streamed from residuals over data the Hessian never held)."""
     on = w > 0
+    d = reduced_gradient(g, on, groups, exact)
     return {
         "min_weight": float(w.min(initial=0.0)),
         "min_reduced_gradient_on_zeros": float(d[~on].min(initial=np.inf)),
         "max_abs_reduced_gradient_on_support": float(np.abs(d[on]).max(initial=0.0)),
         "violation": kkt_violation_from(d, w),
+        "reduced_gradient": d,
     }
 
 
-def _reduced_gradient(g, passive, groups, num_groups, exact):
+def reduced_gradient(g: np.ndarray, support: np.ndarray, groups: np.ndarray | None = None,
+                     exact: bool = False, num_groups: int | None = None) -> np.ndarray:
+    """d = g - nu[groups] (P,): nu_r, the multiplier of row r's sum-to-one constraint, is the
+    mean of g over the row's ``support`` (bool (P,)); d = g without constraints."""
     if not exact:
         return g
-    counts = np.bincount(groups[passive], minlength=num_groups)
-    sums = np.bincount(groups[passive], weights=g[passive], minlength=num_groups)
+    groups = np.zeros(len(g), dtype=np.int64) if groups is None else np.asarray(groups)
+    if num_groups is None:
+        num_groups = int(groups.max()) + 1 if len(groups) else 0
+    counts = np.bincount(groups[support], minlength=num_groups)
+    sums = np.bincount(groups[support], weights=g[support], minlength=num_groups)
     nu = sums / np.maximum(counts, 1)
     return g - nu[groups]
 

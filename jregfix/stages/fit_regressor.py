@@ -26,19 +26,30 @@ regressor, and the numbers stay well conditioned. The term expands to
 
 a quadratic with Hessian C kron G: one vertex Gram matrix shared by every joint; the rows couple
 only through the per-frame joint mean. "absolute" mode (meshes and joints already in one frame)
-uses the raw V_n and C = I, so the rows separate. The objective is invariant to W -> W + 1 u^T
-(a per-frame translation) in root-relative mode; the sum-to-one term or constraint and w >= 0
-remove that freedom (a planted sparse regressor with disjoint rows is the unique minimiser).
-Nearby vertices of a skinned body move almost rigidly together, so W itself is only weakly
-identified by the data (many sparse rows give nearly the same joints); the joints are what the
-fit pins down, and the solver still meets the KKT conditions on such degenerate problems.
+uses the raw V_n and C = I, so the rows separate.
+
+Identifiability (root-relative mode). Two changes of W leave every measured number unchanged:
+W -> W + a 1^T (1^T Vc_n = 0), which only the sum-to-one term or constraint fixes, and
+W -> W + 1 D^T for any D (V,) with 1^T D = 0: it adds the same vector D^T Vc_n to every joint
+of frame n (a translation, removed by C) and keeps every row sum. Non-negativity pins D down
+only when the rows' supports are disjoint (then D >= 0 everywhere, so D = 0); rows that share
+vertices, as the global optimum's often do, can trade weight along D. What the fit determines
+is therefore the joints up to one translation per frame -- the root-relative joints
+C W Vc_n, equivalently W V_n minus its pelvis row -- plus the row sums. Nothing downstream
+uses the undetermined part: evaluate, refine and the figures subtract the regressed pelvis (D
+cancels exactly), the report's residuals apply C, and the support (from a location W @
+template, which does depend on D) only steers where the certified search starts. Absolute
+joint positions W V_n are not determined by root-relative data; "absolute" mode determines
+them. Besides, nearby vertices of a skinned body move almost rigidly together, so W is only
+weakly identified even where it is unique (many sparse rows give nearly the same joints).
 
 Streaming: the (3N x V) matrix is never formed. Chunks of frames give A (U, 3n) with the
 chunk's centred vertices; G += A A^T (one symmetric rank-3n update), B += X A^T, S += X X^T,
-all float64. Partial sums are additive, so shards (``--shard i/n``) save them and ``--merge``
-adds them and solves. Only vertices in the union U of the rows' candidate supports enter G.
+all float64 and summed exactly (order-free, ``geometry/exact_sum.py``). Partial sums are
+additive, so shards (``--shard i/n``) save them and ``--merge`` adds them and solves. Only
+vertices in the union U of the rows' candidate supports enter G.
 
-Support (default ``knn:128``): row j may use only the 128 template vertices nearest the joint's
+Support (default ``knn:128``): row j starts from the 128 template vertices nearest the joint's
 template location (``radius:R`` metres, plus the 8 nearest, or ``all``). The location is
 ``init_regressor @ template`` when a regressor is given (ReLU + row-normalised), otherwise the
 solution of a pilot fit on up to ``pilot_frames`` evenly spaced frames over ``pilot_vertices``
@@ -48,6 +59,32 @@ Solve: :func:`jregfix.geometry.nnls.solve_nnls` (active set) on (C kron G + lam 
 C B + lam), jointly over all rows in root-relative mode, per row in absolute mode, to the KKT
 conditions at relative tolerance ``tol``. Residuals per joint are RMS 3D distances (mm) over
 frames after the per-frame translation, computed from G, B and S.
+
+Certification (``certify``, default on): the support is a guess, so the solution is then
+checked against all V vertices. One streamed pass computes the objective's gradient for every
+(row, vertex): per chunk the residuals R = C (W A_S - X) (K, 3n) on the used vertices S and the
+product R A^T (K x 3n x V), summed exactly over chunks (= C (W G - B) over all V, without G),
+plus lam (1^T w_j - 1). With the reduced gradient d (minus the row's multiplier in exact mode)
+and the problem scale s = max(|C B + lam|, diag H) over all V, the KKT conditions over all V
+are d >= -tol s off the support and |d| <= tol s on it (``nnls.kkt_violation_from``). Any
+vertex outside a row's candidates with d < -tol s is a violation: then every row is allowed
+all of U, the steepest violators outside U (up to ``max_new_per_row`` per row, ranked by
+d / sqrt(diag H), ``new_vertex_spacing`` apart on the template) are summed into G by the next
+pass -- the same pass that prices the new
+solution -- and the problem is re-solved from the warm start (column generation). It stops
+when no vertex violates (``kkt_global_relative_max`` <= tol): the regressor is then the optimum
+over all V vertices, not only inside the guess. Every pass is exact and order-free like the
+accumulation, so ranks, shards and ``--merge`` take the same steps and give the same bits;
+``--merge`` has only the sums over U, so it needs the shards' inputs to stream the frames for
+the certification passes (``--no-certify`` solves on the candidates only and says so).
+
+Cost: a pass streams (and poses) every frame again, at about half the accumulation's cost per
+frame (its product is K x 3n x V instead of the union's U x 3n x U), so the certified fit costs
+the support-only fit plus (rounds + 1) passes and the re-solves. The rounds depend on the data:
+when the first support holds the optimum, one pass confirms it; when the optimum reaches beyond
+it -- a planted world's far vertices, or the noise-fitting vertices a noisy world's exact
+optimum picks up -- each round's re-solve moves W and tips further vertices over, typically 5
+to 10 rounds (the diagnostics' ``certification_time_s`` splits passes and re-solves).
 """
 
 from __future__ import annotations
@@ -56,7 +93,7 @@ import json
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -69,10 +106,23 @@ from jregfix.body.rotations import pose_to_rotmat
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.exact_sum import ExactSum
-from jregfix.geometry.nnls import BlockGramHessian, solve_nnls
+from jregfix.geometry.nnls import (
+    BlockGramHessian,
+    kkt_violation_from,
+    reduced_gradient,
+    solve_nnls,
+)
 from jregfix.io.atomic import read_npz, save_npz, sha256_file, write_json
+from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.h36m import H36M17_NAMES, TEST_SUBJECTS, TRAIN_SUBJECTS, load_h36m, subject_mask
-from jregfix.io.manifest import manifest_path, read_manifest, stage_record, versions
+from jregfix.io.lock import locks_output
+from jregfix.io.manifest import (
+    manifest_path,
+    read_manifest,
+    read_sidecar,
+    stage_record,
+    versions,
+)
 from jregfix.io.params import BodyParams, load_params
 from jregfix.io.regressors import (
     effective_regressor,
@@ -86,6 +136,8 @@ from jregfix.io.regressors import (
 ROOT_RELATIVE = "root-relative"
 ABSOLUTE = "absolute"
 RADIUS_MIN_VERTICES = 8
+POSE_BATCH = 64  # frames posed at once by BodyMeshes
+MESH_CACHE_MB = 768  # posed meshes kept between a fit's passes (the first chunks of each rank)
 Progress = Callable[[int], None]
 
 
@@ -101,14 +153,22 @@ class FitConfig:
     pilot_vertices: int = 1024
     chunk_size: int = 512
     tol: float = 1e-10
+    certify: bool = True
+    max_rounds: int = 30
+    max_new_per_row: int = 16
+    new_vertex_spacing: float = 0.02
 
     def validate(self) -> None:
         if self.mode not in (ROOT_RELATIVE, ABSOLUTE):
             raise JregfixError(f"mode must be '{ROOT_RELATIVE}' or '{ABSOLUTE}', not {self.mode!r}")
-        if not self.sum_to_one_weight >= 0:
-            raise JregfixError(f"--sum-to-one-weight must be >= 0, got {self.sum_to_one_weight}")
+        if not 0 <= self.sum_to_one_weight < float("inf"):
+            raise JregfixError("--sum-to-one-weight must be a finite number >= 0, got "
+                               f"{self.sum_to_one_weight}")
         if self.chunk_size <= 0 or self.pilot_frames <= 0 or self.pilot_vertices <= 0:
             raise JregfixError("chunk size, pilot frames and pilot vertices must be positive")
+        if self.max_rounds < 0 or self.max_new_per_row <= 0 or not self.new_vertex_spacing >= 0:
+            raise JregfixError("certification needs max_rounds >= 0, max_new_per_row > 0 and "
+                               "new_vertex_spacing >= 0")
         parse_support(self.support)
 
 
@@ -185,6 +245,8 @@ class ArrayMeshes:
 class BodyMeshes:
     """Meshes posed on demand by a body model from per-frame pose (any layout) and betas."""
 
+    posed = True  # expensive to produce: a fit's passes keep what fits in MESH_CACHE_MB
+
     def __init__(self, model: BodyModel, pose: np.ndarray, betas: np.ndarray):
         if len(pose) != len(betas):
             raise JregfixError(f"pose has {len(pose)} rows but betas has {len(betas)}")
@@ -192,15 +254,134 @@ class BodyMeshes:
         self.num_frames, self.num_vertices = len(pose), int(model.num_vertices)
 
     def meshes(self, index: np.ndarray) -> np.ndarray:
-        dtype = self.model.template.dtype
+        device, dtype = self.model.template.device, self.model.template.dtype
+        parts = []
         with torch.no_grad():
-            rot = pose_to_rotmat(torch.from_numpy(self.pose[index]).to(dtype),
-                                 self.model.num_joints)
-            betas = fit_betas(torch.from_numpy(self.betas[index]).to(dtype), self.model.num_betas)
-            return self.model.vertices(rot, betas).numpy()
+            # a few frames at a time: skinning's temporaries are ~8x the meshes (512 frames:
+            # +320 MB peak at once, +160 MB in batches of 64)
+            for s in range(0, len(index), POSE_BATCH):
+                part = index[s:s + POSE_BATCH]
+                rot = pose_to_rotmat(torch.from_numpy(self.pose[part]).to(device, dtype),
+                                     self.model.num_joints)
+                betas = fit_betas(torch.from_numpy(self.betas[part]).to(device, dtype),
+                                  self.model.num_betas)
+                parts.append(self.model.vertices(rot, betas).cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_vertices, 3))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class Frames:
+    """The frames a fit streams over: meshes, GT joints (N, K, 3), the selected rows ``index``,
+    cut into ``chunk_size`` chunks; ``ranks`` share the chunks, ``progress`` counts frames.
+
+    With ``keep_meshes``, chunks of sources that pose meshes (``posed``) are kept, up to
+    ``MESH_CACHE_MB``, for the later passes: a chunk is the same array every pass, so the sums
+    do not change, only the posing is not repeated (the rest is posed again each pass).
+    """
+
+    source: MeshSource
+    joints: np.ndarray
+    index: np.ndarray
+    chunk_size: int = 512
+    ranks: Ranks = field(default_factory=Ranks)
+    progress: Progress | None = None
+    keep_meshes: bool = False
+    cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def stream(self, add: Callable[[np.ndarray, np.ndarray], None],
+               shard: tuple[int, int] | None = None) -> None:
+        """add(meshes (n, V, 3), joints (n, K, 3)) for each chunk of this process.
+
+        ``shard`` (i, n) keeps the i-th of n contiguous blocks of chunks; the ranks split that
+        the same way, so the chunks (the unit of every exact product) never depend on W.
+        """
+        chunks = frame_chunks(np.asarray(self.index), self.chunk_size)
+        mine = np.arange(len(chunks))
+        if shard is not None:
+            mine = np.array_split(mine, shard[1])[shard[0]]
+        for c in self.ranks.split(mine):
+            rows = chunks[c]
+            meshes = self.cache.get(int(c))
+            if meshes is None:
+                meshes = self._produce(rows, int(c))
+            add(meshes, self.joints[rows])
+            if self.progress is not None:
+                self.progress(len(rows))
+
+    def _produce(self, rows: np.ndarray, chunk: int) -> np.ndarray:
+        meshes = self.source.meshes(rows)
+        if meshes.shape[1:] != (self.source.num_vertices, 3):
+            raise JregfixError(f"meshes have shape {meshes.shape[1:]}, expected "
+                               f"({self.source.num_vertices}, 3)")
+        if not np.isfinite(meshes).all():
+            bad = rows[~np.isfinite(meshes.reshape(len(rows), -1)).all(1)]
+            raise JregfixError(f"mesh of frame {bad[0]} has NaN/inf vertices (check its pose)")
+        held = sum(m.nbytes for m in self.cache.values())
+        if self.keep_meshes and getattr(self.source, "posed", False) \
+                and held + meshes.nbytes <= MESH_CACHE_MB * 2**20:
+            meshes.flags.writeable = False  # the passes only read it
+            self.cache[chunk] = meshes
+        return meshes
+
+
+def frame_chunks(index: np.ndarray, chunk_size: int) -> list[np.ndarray]:
+    """``index`` cut into chunks of ``chunk_size`` frames: the unit every split is made of."""
+    return [index[s:s + chunk_size] for s in range(0, len(index), chunk_size)]
+
+
+def _coordinates(meshes: np.ndarray, centred: bool) -> np.ndarray:
+    """(3n, V) float64: row 3i + d is coordinate d of frame i's vertices, centred on the
+    frame's vertex mean in root-relative mode. Every pass builds a chunk's numbers here, so
+    the Gram sums and the residual passes see the same ones."""
+    n, v, _ = meshes.shape
+    a = np.empty((n, 3, v))
+    a[...] = meshes.transpose(0, 2, 1)
+    if centred:
+        a -= a.sum(axis=2, keepdims=True) / v
+    return a.reshape(3 * n, v)
+
+
+def _joint_rows(joints: np.ndarray) -> np.ndarray:
+    """(n, K, 3) -> (K, 3n) float64 in the row order of :func:`_coordinates`."""
+    return np.asarray(joints, dtype=np.float64).transpose(1, 0, 2).reshape(joints.shape[1], -1)
+
+
+def _exact_all_reduce(sums: dict[str, ExactSum], ranks: Ranks) -> None:
+    """Sum every rank's partial exact sums (the limbs add without rounding)."""
+    for s in sums.values():
+        s.limbs = ranks.all_reduce_sum(torch.from_numpy(s.limbs)).numpy()
 
 
 # ----------------------------------------------------------------------------- accumulation
+
+
+@dataclass
+class Totals:
+    """The values of the sufficient statistics (module docstring) on vertices (U,) sorted:
+    gram G (U, U), cross B (K, U), joints_gram S (K, K), over ``frames`` frames."""
+
+    vertices: np.ndarray
+    gram: np.ndarray
+    cross: np.ndarray
+    joints_gram: np.ndarray
+    frames: int
+    centred: bool
+
+    def extended(self, new: np.ndarray, columns: dict[str, np.ndarray]) -> Totals:
+        """The totals on vertices U + ``new`` (M,), from :func:`certification_pass`' sums."""
+        union = np.union1d(self.vertices, new)
+        old, pos = np.searchsorted(union, self.vertices), np.searchsorted(union, new)
+        gram = np.empty((len(union),) * 2)
+        gram[np.ix_(old, old)] = self.gram
+        gram[np.ix_(pos, old)] = columns["new_old"]
+        gram[np.ix_(old, pos)] = columns["new_old"].T
+        gram[np.ix_(pos, pos)] = columns["new_new"]
+        cross = np.empty((self.cross.shape[0], len(union)))
+        cross[:, old], cross[:, pos] = self.cross, columns["new_cross"]
+        return Totals(union, gram, cross, self.joints_gram, self.frames, self.centred)
 
 
 @dataclass
@@ -240,20 +421,20 @@ class Accumulator:
     def joints_gram(self) -> np.ndarray:
         return self.sums["joints_gram"].value()
 
+    def totals(self) -> Totals:
+        return Totals(self.vertices, self.gram, self.cross, self.joints_gram, self.frames,
+                      self.centred)
+
     def add(self, meshes: np.ndarray, joints: np.ndarray) -> None:
         """meshes (n, V, 3), joints (n, K, 3): one rank-3n update of every sum."""
-        n = len(meshes)
-        sub = meshes[:, self.vertices, :].astype(np.float64)
-        if self.centred:
-            sub -= meshes.mean(axis=1, dtype=np.float64)[:, None, :]
-        a = sub.transpose(1, 0, 2).reshape(len(self.vertices), 3 * n)
-        x = np.asarray(joints, dtype=np.float64).transpose(1, 0, 2).reshape(joints.shape[1], 3 * n)
+        a = _coordinates(meshes, self.centred)[:, self.vertices]  # (3n, U)
+        x = _joint_rows(joints)
         with threadpool_limits(1, user_api="blas"):
-            gram, cross, joints_gram = a @ a.T, x @ a.T, x @ x.T  # a @ a.T: a symmetric update
+            gram, cross, joints_gram = a.T @ a, x @ a, x @ x.T  # a.T @ a: a symmetric update
         self.sums["gram"].add(gram)
         self.sums["cross"].add(cross)
         self.sums["joints_gram"].add(joints_gram)
-        self.frames += n
+        self.frames += len(meshes)
 
     def merge(self, other: Accumulator) -> None:
         if not np.array_equal(self.vertices, other.vertices) or self.centred != other.centred:
@@ -264,15 +445,8 @@ class Accumulator:
 
     def all_reduce(self, ranks: Ranks) -> None:
         """Sum the partial accumulations of every rank (exact: the limbs add without rounding)."""
-        for key in self.KEYS:
-            limbs = torch.from_numpy(self.sums[key].limbs)
-            self.sums[key].limbs = ranks.all_reduce_sum(limbs).numpy()
+        _exact_all_reduce(self.sums, ranks)
         self.frames = int(ranks.all_reduce_sum(torch.tensor([self.frames], dtype=torch.int64)))
-
-
-def frame_chunks(index: np.ndarray, chunk_size: int) -> list[np.ndarray]:
-    """``index`` cut into chunks of ``chunk_size`` frames: the unit every split is made of."""
-    return [index[s:s + chunk_size] for s in range(0, len(index), chunk_size)]
 
 
 def accumulate(source: MeshSource, joints: np.ndarray, vertices: np.ndarray, centred: bool,
@@ -284,27 +458,53 @@ def accumulate(source: MeshSource, joints: np.ndarray, vertices: np.ndarray, cen
     chunks the same way over a distributed job and all-reduces, so every rank returns the
     sums over all of ``index``. Either way the sums equal the single-process ones bit for bit.
     """
-    chunks = frame_chunks(np.asarray(index), chunk_size)
-    mine = range(len(chunks))
-    if shard is not None:
-        mine = np.array_split(np.arange(len(chunks)), shard[1])[shard[0]]
-    ranks = ranks or Ranks()
-    mine = ranks.split(np.asarray(mine, dtype=np.int64))
+    frames = Frames(source, joints, index, chunk_size, ranks or Ranks(), progress)
     acc = Accumulator.empty(vertices, joints.shape[1], centred)
-    for c in mine:
-        rows = chunks[c]
-        meshes = source.meshes(rows)
-        if meshes.shape[1:] != (source.num_vertices, 3):
-            raise JregfixError(f"meshes have shape {meshes.shape[1:]}, expected "
-                               f"({source.num_vertices}, 3)")
-        if not np.isfinite(meshes).all():
-            bad = rows[~np.isfinite(meshes.reshape(len(rows), -1)).all(1)]
-            raise JregfixError(f"mesh of frame {bad[0]} has NaN/inf vertices (check its pose)")
-        acc.add(meshes, joints[rows])
-        if progress is not None:
-            progress(len(rows))
-    acc.all_reduce(ranks)
+    frames.stream(acc.add, shard)
+    acc.all_reduce(frames.ranks)
     return acc
+
+
+def certification_pass(frames: Frames, regressor: np.ndarray, centred: bool,
+                       old: np.ndarray, new: np.ndarray, with_scale: bool) -> dict[str, np.ndarray]:
+    """Exact sums over frames, one pass, for the regressor W (K, V) and every vertex v:
+
+    "gradient" (K, V) = sum_n C (W Vc_n - X_n) Vc_n^T = C (W G - B): the data part of the
+    objective's gradient over all V vertices, from residuals (a K x 3n x V product per chunk);
+    with ``with_scale`` also "cross" B (K, V) and "sq_norms" diag G (V,), for the problem scale;
+    and the sums that let vertices ``new`` (M,) join the accumulated ``old`` (U,):
+    "new_old" G[new, old] (M, U), "new_new" G[new, new] (M, M), "new_cross" B[:, new] (K, M).
+    """
+    k, v = regressor.shape
+    coupling = _coupling(k, centred)
+    used = np.flatnonzero(regressor.any(0))
+    w_used = regressor[:, used]
+    shapes = {"gradient": (k, v)}
+    if with_scale:
+        shapes |= {"cross": (k, v), "sq_norms": (v,)}
+    if len(new):
+        shapes |= {"new_old": (len(new), len(old)), "new_new": (len(new),) * 2,
+                   "new_cross": (k, len(new))}
+    sums = {key: ExactSum(shape) for key, shape in shapes.items()}
+
+    def add(meshes, joints):
+        a = _coordinates(meshes, centred)
+        x = _joint_rows(joints)
+        with threadpool_limits(1, user_api="blas"):
+            residual = coupling @ (w_used @ a[:, used].T - x)
+            sums["gradient"].add(residual @ a)
+            if with_scale:
+                sums["cross"].add(x @ a)
+                sums["sq_norms"].add(np.einsum("ij,ij->j", a, a))
+            if len(new):
+                a_new = a[:, new]
+                sums["new_old"].add(a_new.T @ a[:, old])
+                sums["new_new"].add(a_new.T @ a_new)
+                sums["new_cross"].add(x @ a_new)
+
+    frames.stream(add)
+    _exact_all_reduce(sums, frames.ranks)
+    return {key: s.value() for key, s in sums.items()}
 
 
 # ----------------------------------------------------------------------------- solve
@@ -318,44 +518,53 @@ class Solution:
     diagnostics: dict = field(default_factory=dict)
 
 
-def solve_accumulated(acc: Accumulator, rows: list[np.ndarray], num_vertices: int,
-                      config: FitConfig) -> Solution:
-    """Solve every row's NNLS from the sums; ``rows[k]`` are mesh vertex ids within acc."""
-    gram, cross = acc.gram, acc.cross
+def solve_accumulated(totals: Totals | Accumulator, rows: list[np.ndarray], num_vertices: int,
+                      config: FitConfig, warm: np.ndarray | None = None) -> Solution:
+    """Solve every row's NNLS from the sums; ``rows[k]`` are mesh vertex ids within them.
+
+    warm (K, V): a feasible start (a previous optimum on smaller rows), e.g. between rounds of
+    the certification.
+    """
+    if isinstance(totals, Accumulator):
+        totals = totals.totals()
+    gram, cross = totals.gram, totals.cross
     k = cross.shape[0]
     if len(rows) != k:
         raise JregfixError(f"{len(rows)} candidate sets for {k} joints")
-    if acc.frames == 0:
+    if totals.frames == 0:
         raise JregfixError("no frames were accumulated")
-    local = [np.searchsorted(acc.vertices, r) for r in rows]
+    vertices = totals.vertices
+    local = [np.searchsorted(vertices, r) for r in rows]
     for j, (r, loc) in enumerate(zip(rows, local, strict=True)):
-        if len(r) == 0 or (loc >= len(acc.vertices)).any() or \
-                not np.array_equal(acc.vertices[np.minimum(loc, len(acc.vertices) - 1)], r):
+        if len(r) == 0 or (loc >= len(vertices)).any() or \
+                not np.array_equal(vertices[np.minimum(loc, len(vertices) - 1)], r):
             raise JregfixError(f"row {j}: candidate vertices are not in the accumulated set")
-    coupling = _coupling(k, acc.centred)
-    penalty = 0.0 if config.exact_sum_to_one else config.sum_to_one_weight * acc.frames
+    coupling = _coupling(k, totals.centred)
+    penalty = _penalty(config, totals.frames)
     lin = coupling @ cross
-    blocks = [range(k)] if acc.centred else [[j] for j in range(k)]
+    blocks = [range(k)] if totals.centred else [[j] for j in range(k)]
     w_local = [np.zeros(len(loc)) for loc in local]
     solver_info, iterations = [], 0
     for block in blocks:
         hess = BlockGramHessian(gram, coupling[np.ix_(block, block)],
                                 [local[j] for j in block], penalty)
         c = np.concatenate([lin[j, local[j]] for j in block]) + penalty
-        res = solve_nnls(hess, c, groups=hess.row_of, exact=config.exact_sum_to_one,
-                         tol=config.tol)
+        w0 = None if warm is None else np.concatenate([warm[j, rows[j]] for j in block])
+        with threadpool_limits(1, user_api="blas"):  # the same bits on any thread count
+            res = solve_nnls(hess, c, groups=hess.row_of, exact=config.exact_sum_to_one,
+                             tol=config.tol, w0=w0)
         iterations += res.iterations
-        d = _reduced_gradient(hess, c, res.w, config.exact_sum_to_one)
         for pos, j in enumerate(block):
             sel = hess.row_of == pos
             w_local[j] = res.w[sel]
-            solver_info.append((j, _violation(d[sel], res.w[sel]), res.scale, res.converged))
+            viol = kkt_violation_from(res.reduced_gradient[sel], res.w[sel])
+            solver_info.append((j, viol, res.scale, res.converged))
     regressor = np.zeros((k, num_vertices))
-    w_u = np.zeros((k, len(acc.vertices)))
+    w_u = np.zeros((k, len(vertices)))
     for j in range(k):
         regressor[j, rows[j]] = w_local[j]
         w_u[j, local[j]] = w_local[j]
-    diag = _diagnostics(acc, gram, cross, w_u, coupling, penalty, sorted(solver_info),
+    diag = _diagnostics(totals, w_u, coupling, penalty, sorted(solver_info),
                         [len(r) for r in rows])
     diag["solver_iterations"] = iterations
     return Solution(regressor, diag)
@@ -365,25 +574,14 @@ def _coupling(k: int, centred: bool) -> np.ndarray:
     return np.eye(k) - (1.0 / k if centred else 0.0)
 
 
-def _reduced_gradient(hess, c, w, exact):
-    g = hess.matvec(w) - c
-    if not exact:
-        return g
-    on = w > 0
-    nu = (np.bincount(hess.row_of[on], weights=g[on], minlength=hess.num_rows)
-          / np.maximum(np.bincount(hess.row_of[on], minlength=hess.num_rows), 1))
-    return g - nu[hess.row_of]
+def _penalty(config: FitConfig, frames: int) -> float:
+    return 0.0 if config.exact_sum_to_one else config.sum_to_one_weight * frames
 
 
-def _violation(d, w):
-    on = w > 0
-    return max(float(-d[~on].min(initial=0.0)), float(np.abs(d[on]).max(initial=0.0)),
-               float(-w.min(initial=0.0)), 0.0)
-
-
-def _diagnostics(acc, gram, cross, w_u, coupling, penalty, solver_info, candidates) -> dict:
+def _diagnostics(totals, w_u, coupling, penalty, solver_info, candidates) -> dict:
     # sum_n R_n R_n^T with R_n = W Vc_n - X_n, then the per-frame translation removed by C.
-    rr = w_u @ gram @ w_u.T - w_u @ cross.T - cross @ w_u.T + acc.joints_gram
+    rr = (w_u @ totals.gram @ w_u.T - w_u @ totals.cross.T - totals.cross @ w_u.T
+          + totals.joints_gram)
     sq = np.maximum(np.diag(coupling @ rr @ coupling), 0.0)
     sums = w_u.sum(1)
     k = len(sums)
@@ -392,7 +590,7 @@ def _diagnostics(acc, gram, cross, w_u, coupling, penalty, solver_info, candidat
     for j, viol, scale, _ in solver_info:
         per_joint.append({
             "joint": names[j],
-            "rms_mm": float(1000.0 * np.sqrt(sq[j] / acc.frames)),
+            "rms_mm": float(1000.0 * np.sqrt(sq[j] / totals.frames)),
             "nonzeros": int((w_u[j] > 0).sum()),
             "row_sum": float(sums[j]),
             "candidates": int(candidates[j]),
@@ -400,15 +598,124 @@ def _diagnostics(acc, gram, cross, w_u, coupling, penalty, solver_info, candidat
             "kkt_relative": viol / scale,
         })
     return {
-        "frames": int(acc.frames),
+        "frames": int(totals.frames),
         "objective": float(sq.sum() + penalty * ((sums - 1.0) ** 2).sum()),
-        "rms_mm_all_joints": float(1000.0 * np.sqrt(sq.sum() / (acc.frames * k))),
+        "rms_mm_all_joints": float(1000.0 * np.sqrt(sq.sum() / (totals.frames * k))),
         "lambda": penalty,
         "kkt_relative_max": max(p["kkt_relative"] for p in per_joint),
         "converged": all(info[3] for info in solver_info),
-        "union_vertices": int(len(acc.vertices)),
+        "union_vertices": int(len(totals.vertices)),
         "per_joint": per_joint,
     }
+
+
+# ----------------------------------------------------------------------------- certification
+
+
+def certified_solve(frames: Frames | None, totals: Totals, rows: list[np.ndarray],
+                    num_vertices: int, config: FitConfig,
+                    template: np.ndarray | None = None) -> Solution:
+    """Solve on the candidate rows, then certify the KKT conditions over all V vertices by
+    column generation (module docstring: certification); every rank of ``frames.ranks`` takes
+    the same steps on the same all-reduced exact sums. ``template`` (V, 3) spreads the
+    vertices added per round; ``frames`` may be None only when ``config.certify`` is off."""
+    sol = solve_accumulated(totals, rows, num_vertices, config)
+    k = len(rows)
+    cert = {"certified": False, "rounds": 0, "passes": 0, "vertices_added_per_round": [],
+            "pairs_added_per_round": []}
+    seconds = {"passes": 0.0, "resolves": 0.0}  # where certification's time goes
+    solved_on = len(totals.vertices)
+    if all(len(r) == num_vertices for r in rows):
+        cert |= {"certified": sol.diagnostics["converged"],
+                 "note": "every row's candidates are all vertices: the solve itself is global"}
+        sol.diagnostics |= {"kkt_global_relative_max": sol.diagnostics["kkt_relative_max"],
+                            "certification": cert}
+        return sol
+    if not config.certify:
+        cert["note"] = "certification off: the KKT conditions hold on the candidate rows only"
+        sol.diagnostics |= {"kkt_global_relative_max": None, "certification": cert}
+        sol.diagnostics["converged"] = False
+        return sol
+    penalty = _penalty(config, totals.frames)
+    coupling = _coupling(k, totals.centred)
+    groups = np.repeat(np.arange(k), num_vertices)
+    scale = steep = None
+    pending = np.zeros(0, dtype=np.int64)  # vertices whose Gram columns the next pass sums
+    while True:
+        t0 = time.perf_counter()
+        sums = certification_pass(frames, sol.regressor, totals.centred, totals.vertices,
+                                  pending, with_scale=scale is None)
+        cert["passes"] += 1
+        seconds["passes"] += time.perf_counter() - t0
+        if len(pending):
+            totals = totals.extended(pending, sums)
+        if scale is None:
+            diag_h = np.outer(np.diag(coupling), sums["sq_norms"]) + penalty
+            lin = coupling @ sums["cross"] + penalty
+            scale = float(max(np.abs(lin).max(), diag_h.max(), 1e-300))
+            steep = 1.0 / np.sqrt(np.maximum(diag_h, 1e-300 * scale))
+        w = sol.regressor
+        g = sums["gradient"] + penalty * (w.sum(1, keepdims=True) - 1.0)
+        d = reduced_gradient(g.ravel(), w.ravel() > 0, groups, config.exact_sum_to_one,
+                             k).reshape(k, num_vertices)
+        outside = np.ones((k, num_vertices), dtype=bool)
+        for j, r in enumerate(rows):
+            outside[j, r] = False
+        entering = outside & (d < -config.tol * scale)
+        global_viol = kkt_violation_from(d.ravel(), w.ravel())
+        if not entering.any() or cert["rounds"] == config.max_rounds:
+            break
+        # Every row may use every summed vertex (their Gram entries are known); the steepest
+        # violators beyond them are summed by the next pass, which also prices this round's
+        # solution, and join then.
+        known = np.zeros(num_vertices, dtype=bool)
+        known[totals.vertices] = True
+        chosen = _steepest(entering & ~known, d * steep, config.max_new_per_row, template,
+                           config.new_vertex_spacing)
+        pending = np.flatnonzero(chosen.any(0))
+        if any(len(r) < len(totals.vertices) for r in rows):
+            cert["vertices_added_per_round"].append(len(totals.vertices) - solved_on)
+            cert["pairs_added_per_round"].append(sum(len(totals.vertices) - len(r)
+                                                     for r in rows))
+            solved_on = len(totals.vertices)
+            rows = [totals.vertices] * k
+            t0 = time.perf_counter()
+            sol = solve_accumulated(totals, rows, num_vertices, config, warm=w)
+            seconds["resolves"] += time.perf_counter() - t0
+            cert["rounds"] += 1
+    cert["certified"] = bool(not entering.any() and sol.diagnostics["converged"])
+    cert["scale"] = scale
+    cert["min_reduced_gradient_outside_relative"] = float(d[outside].min(initial=np.inf)
+                                                          / scale)
+    sol.diagnostics |= {"kkt_global_relative_max": global_viol / scale,
+                        "converged": cert["certified"], "certification": cert,
+                        "certification_time_s": seconds,
+                        "union_vertices": int(len(totals.vertices))}
+    return sol
+
+
+def _steepest(entering: np.ndarray, steepness: np.ndarray, limit: int,
+              template: np.ndarray | None, spacing: float) -> np.ndarray:
+    """(K, V) bool: each row's (at most ``limit``) entering vertices of most negative
+    steepness (reduced gradient / sqrt(diag H): the steepest descent per unit step length),
+    at least ``spacing`` apart on the template (V, 3): neighbours of a violator move almost
+    like it, so spreading the picks finds the separate places a row needs in fewer rounds."""
+    chosen = np.zeros_like(entering)
+    for j in range(len(entering)):
+        cand = np.flatnonzero(entering[j])
+        cand = cand[np.argsort(steepness[j, cand], kind="stable")]
+        if template is None or spacing <= 0:
+            chosen[j, cand[:limit]] = True
+            continue
+        picked: list[int] = []
+        for v in cand:
+            if len(picked) == limit:
+                break
+            if not picked or np.linalg.norm(template[picked] - template[v], axis=1).min() \
+                    >= spacing:
+                picked.append(v)
+        chosen[j, picked] = True
+    return chosen
 
 
 # ----------------------------------------------------------------------------- in-memory fit
@@ -471,18 +778,23 @@ def fit_regressor(source: MeshSource, joints: np.ndarray, template: np.ndarray,
     config.validate()
     joints = _check_joints(joints, source.num_frames)
     index = np.arange(source.num_frames) if index is None else np.asarray(index)
+    frames = Frames(source, joints, index, config.chunk_size, ranks or Ranks(), progress,
+                    keep_meshes=config.certify)
     t0 = time.perf_counter()
     support = choose_support(source, joints, template, index, config, init_regressor,
                              candidates, ranks)
     t1 = time.perf_counter()
     union = np.unique(np.concatenate(support.rows))
-    acc = accumulate(source, joints, union, config.mode == ROOT_RELATIVE, index,
-                     config.chunk_size, progress, ranks)
+    acc = Accumulator.empty(union, joints.shape[1], config.mode == ROOT_RELATIVE)
+    frames.stream(acc.add)
+    acc.all_reduce(frames.ranks)
+    totals = acc.totals()
+    del acc  # the limbs are 4x the Gram matrix
     t2 = time.perf_counter()
-    sol = solve_accumulated(acc, support.rows, len(template), config)
+    sol = certified_solve(frames, totals, support.rows, len(template), config, template)
     t3 = time.perf_counter()
-    sol.diagnostics["time_s"] = {"support": t1 - t0, "accumulate": t2 - t1, "solve": t3 - t2,
-                                 "total": t3 - t0}
+    sol.diagnostics["time_s"] = {"support": t1 - t0, "accumulate": t2 - t1,
+                                 "solve_and_certify": t3 - t2, "total": t3 - t0}
     sol.diagnostics["peak_rss_mb"] = peak_rss_mb()
     return sol, support
 
@@ -533,6 +845,8 @@ def load_inputs(params: str | Path, gt: str | Path, smpl: str | Path | None, out
     stands in for the template of the support). ``candidates``: per-joint vertex supports that
     replace the pilot fit (e.g. around a body model's anatomical joints).
     """
+    refuse_overwriting_inputs({"--params": params, "--gt": gt, "--smpl": smpl,
+                               "--init-regressor": init_regressor}, {"--out": out})
     config.validate()
     chosen = list(subjects) if subjects else list(TRAIN_SUBJECTS)
     leaked = sorted(set(chosen) & set(TEST_SUBJECTS))
@@ -554,7 +868,7 @@ def load_inputs(params: str | Path, gt: str | Path, smpl: str | Path | None, out
         from jregfix.body.smpl import SMPLBody
 
         model = SMPLBody(smpl)
-    template = None if model is None else model.template.detach().double().numpy()
+    template = None if model is None else model.template.detach().double().cpu().numpy()
     if body_params.pose is not None and model is not None:
         source: MeshSource = BodyMeshes(model, body_params.pose, body_params.betas)
     elif body_params.vertices is not None:
@@ -583,7 +897,7 @@ def _guard_meshes_not_from(params: str | Path, out: str | Path) -> None:
     out = Path(out).resolve()
     out_hash = sha256_file(out) if out.is_file() else None
     for doc_path in (manifest_path(params), provenance_path(params)):
-        doc = read_manifest(doc_path)
+        doc = read_sidecar(params, doc_path)
         inputs = (doc or {}).get("inputs", {})
         for name, entry in inputs.items() if isinstance(inputs, dict) else ():
             if not isinstance(entry, dict):
@@ -607,6 +921,7 @@ def _check_imgnames(body_params: BodyParams, gt_names: np.ndarray, params, gt) -
                            "rows must be the same frames in the same order")
 
 
+@locks_output("out")
 def run_fit(inputs: Inputs, out: str | Path, config: FitConfig,
             report_path: str | Path | None = None,
             progress: Progress | None = None, ranks: Ranks | None = None) -> dict:
@@ -626,6 +941,7 @@ def run_fit(inputs: Inputs, out: str | Path, config: FitConfig,
     return report
 
 
+@locks_output("out")
 def run_shard(inputs: Inputs, out: str | Path, config: FitConfig, shard: tuple[int, int],
               progress: Progress | None = None, ranks: Ranks | None = None) -> dict:
     """Accumulate shard i of n (a contiguous block of chunks) and save the partial sums to
@@ -654,11 +970,22 @@ def run_shard(inputs: Inputs, out: str | Path, config: FitConfig, shard: tuple[i
     return meta
 
 
+@locks_output("out")
 def run_merge(parts: list[str | Path], out: str | Path, report_path: str | Path | None = None,
-              num_vertices: int | None = None) -> dict:
-    """Add shard files (all of one run, each shard once), solve, write outputs."""
+              num_vertices: int | None = None, params: str | Path | None = None,
+              gt: str | Path | None = None, smpl: str | Path | None = None,
+              body: BodyModel | None = None, certify: bool | None = None,
+              progress: Progress | None = None, ranks: Ranks | None = None) -> dict:
+    """Add shard files (all of one run, each shard once), solve, certify, write outputs.
+
+    The shards hold sums over the candidate vertices only; certifying over all V vertices
+    streams the frames again, so it needs the shards' inputs (``params``, ``gt`` and ``smpl``
+    or ``body``), checked by hash. ``certify`` overrides the shards' setting (False: solve on
+    the candidates only, as the report then says). The result equals the unsharded fit's bits.
+    """
     if not parts:
         raise JregfixError("--merge needs the shard files")
+    ranks = ranks or Ranks()
     t0 = time.perf_counter()
     loaded = [_load_part(p) for p in parts]
     meta0, acc, rows = loaded[0]
@@ -678,15 +1005,48 @@ def run_merge(parts: list[str | Path], out: str | Path, report_path: str | Path 
         raise JregfixError(f"shards were fitted on {meta0['num_vertices']} vertices, but the body "
                            f"model has {num_vertices}")
     config = FitConfig(**meta0["config"])
+    if certify is not None:
+        config = replace(config, certify=certify)
+    frames = template = None
+    if config.certify:
+        frames, template = _merge_frames(meta0, acc.frames, out, config, params, gt, smpl, body)
+        frames.ranks, frames.progress = ranks, progress
+    totals = acc.totals()
+    del acc, loaded
     t1 = time.perf_counter()
-    sol = solve_accumulated(acc, rows, meta0["num_vertices"], config)
-    sol.diagnostics["time_s"] = {"load": t1 - t0, "solve": time.perf_counter() - t1}
+    sol = certified_solve(frames, totals, rows, meta0["num_vertices"], config, template)
+    sol.diagnostics["time_s"] = {"load": t1 - t0, "solve_and_certify": time.perf_counter() - t1}
     sol.diagnostics["peak_rss_mb"] = peak_rss_mb()
     report = _report(meta0["record"], config, sol, meta0["support_source"], meta0["subjects"])
     report["merged_from"] = [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)}
                              for p in parts]
-    _write_outputs(out, sol.regressor, report, report_path)
+    if ranks.is_main:
+        _write_outputs(out, sol.regressor, report, report_path)
+    ranks.barrier()
     return report
+
+
+def _merge_frames(meta: dict, frames: int, out, config: FitConfig, params, gt, smpl,
+                  body) -> tuple[Frames, np.ndarray]:
+    """The shards' frames again and the template, for the certification passes of --merge."""
+    if params is None or gt is None or (smpl is None and body is None):
+        raise JregfixError("--merge: certifying the optimum over all vertices streams the "
+                           "frames again; pass the shards' --params, --gt and --smpl (or "
+                           "--no-certify to solve on the candidate vertices only)")
+    record = meta["record"]
+    inputs = load_inputs(params, gt, smpl, out, config, record["config"]["subjects"],
+                         allow_test_subjects=True, body=body)
+    for name in ("params", "gt", "smpl"):
+        theirs, ours = record["inputs"].get(name), inputs.record["inputs"].get(name)
+        if (theirs or {}).get("sha256") != (ours or {}).get("sha256"):
+            raise JregfixError(f"--merge: --{name} is not the file the shards were "
+                               f"accumulated from ({(theirs or {}).get('path')})")
+    if len(inputs.index) != frames:
+        raise JregfixError(f"--merge: the inputs select {len(inputs.index)} frames but the "
+                           f"shards summed {frames}")
+    joints = _check_joints(inputs.joints, inputs.source.num_frames)
+    return (Frames(inputs.source, joints, inputs.index, config.chunk_size, keep_meshes=True),
+            inputs.template)
 
 
 def _fingerprint(meta: dict) -> dict:
