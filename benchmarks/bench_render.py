@@ -5,7 +5,10 @@ Forward + backward of sum(w * A) (random w) at 224^2, batch 16, for an SMPL-size
 and is not closed), plus the chamfer loss and the hard silhouette. The dense reference (every
 pixel against every face, autograd) runs at the largest size that fits its memory budget; ours
 runs at the same size for the ratio. Each measurement runs in a fresh subprocess so that the
-reported peak memory (max RSS growth during the timed calls) is its own.
+reported peak memory (max RSS growth during the timed calls) is its own. The ``gpu-counts``
+method runs one forward + backward with ``device="cuda"`` under the test suite's device tracker
+(on the CPU) and reports the kernel launches and host syncs a GPU would see; time that on a
+GPU with benchmarks/bench_gpu.py.
 
     .venv/bin/python benchmarks/bench_render.py [--threads 2] [--batch 16] [--repeats 3]
 """
@@ -71,6 +74,21 @@ def scene(mesh, batch, size):
     return verts, f, cam, weak_to_cam_t(weak)
 
 
+def gpu_counts(verts, f, cam, cam_t, size, weight):
+    """Launches and host syncs of one soft forward + backward on a (tracked) GPU."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jregfix.render import soft_silhouette
+    from tests.device_tracker import DeviceTracker
+
+    with DeviceTracker() as t:
+        vv = verts.cuda().requires_grad_(True)
+        args = (f.cuda(), cam.to("cuda"), size, cam_t.cuda())
+        weight = weight.cuda()
+        t.reset()
+        (soft_silhouette(vv, *args) * weight).sum().backward()
+    print(json.dumps({"launches": t.launches, "syncs": t.syncs}))
+
+
 def worker(cfg):
     import torch
 
@@ -81,6 +99,9 @@ def worker(cfg):
     size, method = cfg["size"], cfg["method"]
     target = hard_silhouette(verts, f, cam, size, cam_t + torch.tensor([0.02, 0.01, 0.5]))
     weight = torch.rand(cfg["batch"], size, size, generator=torch.Generator().manual_seed(1))
+    if method == "gpu-counts":
+        gpu_counts(verts, f, cam, cam_t, size, weight)
+        return
 
     def step():
         vv = verts.clone().requires_grad_(True)
@@ -130,7 +151,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-budget-mb", type=float, default=3000)
     ap.add_argument("--meshes", default="smpl,anny")
-    ap.add_argument("--methods", default="ours,ours_exact,chamfer,hard")
+    ap.add_argument("--methods", default="ours,ours_exact,chamfer,hard,gpu-counts")
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -146,6 +167,11 @@ def main():
         for method in args.methods.split(","):
             r = run({**base, "mesh": mesh, "batch": args.batch, "size": args.size,
                      "method": method})
+            if method == "gpu-counts":
+                print(f"  ours on a GPU (tracked) {args.size}^2 x{args.batch}: {r['launches']} "
+                      f"launches ({1000 * r['launches'] / nf:.0f} per 1000 faces), "
+                      f"{r['syncs']} host syncs per forward + backward")
+                continue
             print(f"  {method:11s} {args.size}^2 x{args.batch}: {r['ms_per_image']:8.1f} ms/image"
                   f"  peak +{r['peak_mb']:7.1f} MB")
         size = dense_size(1, nf, args.dense_budget_mb)

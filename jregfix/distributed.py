@@ -6,6 +6,11 @@ caller's ``torch.multiprocessing`` does, and sets ``RANK``, ``WORLD_SIZE``, ``LO
 CPU, NCCL for CUDA) once; an already initialised default group is used as it is; without either
 every helper degrades to the single-process case, so stage code has one path.
 
+Each process computes on one GPU, :func:`local_rank`: ``LOCAL_RANK`` (torchrun), else
+``SLURM_LOCALID`` (srun starting the processes itself), else the global rank, taken modulo
+the number of visible GPUs, so that SLURM's one-GPU-per-task binding (each process sees one
+device, index 0) works as well as one process seeing all the node's GPUs.
+
 Work is split by index, never by timing: :meth:`Ranks.owns` hands out chunks round-robin and
 :meth:`Ranks.split` gives contiguous blocks, so a re-run with the same world size (or a
 single-process re-run) finds the same chunks where the first run left them.
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jregfix.device import resolve_device
 from jregfix.errors import JregfixError
 
 # A rank waiting for a dead peer gives up after this long (torchrun usually kills it first).
@@ -58,11 +64,10 @@ class Ranks:
         """This rank's contiguous block of ``items`` (``np.array_split`` over the ranks)."""
         return np.array_split(np.asarray(items), self.world_size)[self.rank]
 
-    def device(self, requested: str) -> str:
-        """'cuda' -> this rank's GPU ('cuda:LOCAL_RANK') when distributed; else unchanged."""
-        if self.distributed and requested in ("cuda", "auto") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+    def device(self, requested: str | torch.device) -> torch.device:
+        """Resolve ``--device`` (:func:`jregfix.device.resolve_device`); in a distributed job
+        'cuda' and 'auto' mean this rank's GPU (``cuda:local_rank``) and 'cuda:N' is refused."""
+        return resolve_device(requested, self.local_rank if self.distributed else None)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -122,28 +127,45 @@ def current() -> Ranks:
     """The process group this process is in (the default group), or the single-process one."""
     if not (dist.is_available() and dist.is_initialized()):
         return Ranks()
-    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank(), dist.get_backend())
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (see the module docstring); without CUDA the
+    launcher's local rank as it is."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID", "RANK"):
+        value = os.environ.get(key)
+        if value is not None:
+            break
+    else:
+        return 0
+    try:
+        index = int(value)
+    except ValueError:
+        raise JregfixError(f"{key}={value!r} is not an integer (set by the launcher)") from None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return index % visible if visible else index
 
 
 def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
     """Join the job torchrun describes in the environment (no-op without ``WORLD_SIZE`` > 1).
 
-    The backend follows the device: NCCL when the stage runs on CUDA, gloo otherwise.
+    The backend follows the device: NCCL when the stage runs on CUDA, gloo otherwise. An
+    explicit 'cuda:N' is refused before joining (each rank uses its :func:`local_rank` GPU).
     """
     if dist.is_available() and dist.is_initialized():
         return current()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
+    local = local_rank()
+    wants_cuda = resolve_device(device, local).type == "cuda"
     if not dist.is_available():
         raise JregfixError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise JregfixError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
                            "torchrun (see the README's 'Scaling out' section)")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     backend = "nccl" if wants_cuda else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)

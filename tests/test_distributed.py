@@ -93,9 +93,12 @@ def _fit_data(tmp_path, smpl_body):
     return path
 
 
+@pytest.mark.slow
 def test_fit_regressor_two_ranks_equals_one(tmp_path, smpl_body):
     data_file = _fit_data(tmp_path, smpl_body)
-    config = FitConfig(chunk_size=16)  # 10 chunks: 5 per rank
+    # 10 chunks: 5 per rank; one round of column generation exercises every certification
+    # step across ranks (its noisy world would take many more, which add nothing here)
+    config = FitConfig(chunk_size=16, max_rounds=1)
     dist_helpers.launch(dist_helpers.fit_worker, 1, data_file, config, tmp_path / "one.npy")
     dist_helpers.launch(dist_helpers.fit_worker, 2, data_file, config, tmp_path / "two.npy")
     one = np.load(tmp_path / "one_rank0.npy")
@@ -110,6 +113,7 @@ def _refine_inputs(world):  # noqa: F811
     return (world / "init.npz", world / "gt.npz", world / "sil.npz", world / "J_spin.npy")
 
 
+@pytest.mark.slow
 def test_refine_two_ranks_equals_one_process_with_the_same_grouping(world, smpl_pkl,  # noqa: F811
                                                                    tmp_path):
     grouped = RefineConfig(iters=4, batch_size=2, image_size=SIZE, batches_per_disc_step=2)
@@ -126,6 +130,7 @@ def test_refine_two_ranks_equals_one_process_with_the_same_grouping(world, smpl_
         assert np.isfinite(z["disc_loss"]).all() and len(z["pose"]) == 8
 
 
+@pytest.mark.slow
 def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # noqa: F811
     config = RefineConfig(iters=3, batch_size=1, image_size=SIZE)  # 8 batches, 4 groups of 2
     inputs = _refine_inputs(world)
@@ -160,6 +165,7 @@ def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # 
     assert not (tmp_path / "out.npz.chunks").exists()
 
 
+@pytest.mark.slow
 def test_spin_two_ranks_identical_and_resumes_after_a_kill(setup, tmp_path):  # noqa: F811
     config = SpinConfig(batch_size=1, chunk_size=1, device="cpu", workers=1)
     dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, tmp_path / "one.npz"),
@@ -176,6 +182,7 @@ def test_spin_two_ranks_identical_and_resumes_after_a_kill(setup, tmp_path):  # 
     assert out.read_bytes() == (tmp_path / "one.npz").read_bytes()
 
 
+@pytest.mark.slow
 def test_silhouettes_two_ranks_identical(data, tmp_path):  # noqa: F811
     config = SilhouetteConfig(backend="fake", batch_size=1, chunk_size=2, workers=1)
     dist_helpers.launch(dist_helpers.silhouettes_worker, 1, data, config)
@@ -198,6 +205,7 @@ def jregfix_cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_torchrun_refine_cli_matches_single_process(world, smpl_pkl, tmp_path):  # noqa: F811
     """The real launcher: `torchrun --nproc-per-node 2 -m jregfix refine ...`."""
     init, gt, sil, j_spin = _refine_inputs(world)
@@ -210,6 +218,7 @@ def test_torchrun_refine_cli_matches_single_process(world, smpl_pkl, tmp_path): 
     assert "refined 8 frames" in two.stderr and two.stderr.count("refined 8 frames") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_fit_regressor_cli_matches_single_process(files, tmp_path):  # noqa: F811
     jregfix_cli(fit_args(files, tmp_path / "two.npy", "--chunk-size", "8"), 2)
     jregfix_cli(fit_args(files, tmp_path / "one.npy", "--chunk-size", "8"), 1)
@@ -235,3 +244,131 @@ def test_a_failing_rank_names_itself(monkeypatch, capsys):
     assert main(["fit-regressor", "--params", "p.npz", "--gt", "g.npz", "--out", "J.npy"]) == 1
     err = capsys.readouterr().err
     assert "rank 1 of 2:" in err and "MASTER_ADDR" in err
+
+
+# ----------------------------------------------------------------------------- GPU placement
+# torchrun edge cases on fake GPUs: torch.cuda reports N devices and set_device records the
+# index it is given; the NCCL group the code asks for is formed over gloo instead.
+
+def _fake_gpu_worker(rank: int, ports: list[int], out_dir) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from jregfix import distributed
+
+    torch.set_num_threads(1)
+    visible = {"count": 0}
+    chosen: list[int] = []
+    backends: list[str] = []
+
+    def set_device(index):  # recorded, not raised: a rank failing here would hang its peer
+        chosen.append(index if 0 <= index < visible["count"] else "invalid device ordinal")
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: visible["count"]
+    torch.cuda.set_device = set_device
+    real_init = dist.init_process_group
+    dist.init_process_group = lambda backend, **kw: backends.append(backend) or \
+        real_init("gloo", **kw)
+
+    def join(port, count, env):
+        visible["count"] = count
+        for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+            os.environ.pop(key, None)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE="2", **env)
+        try:
+            ranks = distributed.init_from_env("cuda", timeout_s=20)
+        except Exception as exc:  # recorded for the test to read
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        seen = {"set_device": chosen[-1], "backend": backends[-1],
+                "local_rank": ranks.local_rank, "current": distributed.current().local_rank,
+                "device": str(ranks.device("cuda")), "auto": str(ranks.device("auto")),
+                "sum": int(ranks.all_reduce_sum(torch.tensor([rank + 1]))[0])}
+        try:
+            ranks.device("cuda:1")
+        except Exception as exc:
+            seen["explicit"] = f"{type(exc).__name__}: {exc}"
+        distributed.shutdown()
+        return seen
+
+    observed = {
+        # srun started the processes: no LOCAL_RANK; node-local ids differ from global ranks
+        "slurm_localid": join(ports[0], 2, {"SLURM_LOCALID": str(1 - rank)}),
+        # SLURM binds one GPU per task: every process sees one device, index 0
+        "one_gpu_per_task": join(ports[1], 1, {"LOCAL_RANK": str(rank)}),
+    }
+    try:  # refused before joining: no rendezvous needed
+        distributed.init_from_env("cuda:1")
+    except Exception as exc:
+        observed["explicit_index"] = f"{type(exc).__name__}: {exc}"
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(observed))
+
+
+@pytest.fixture(scope="module")
+def fake_gpu_job(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fake_gpus")
+    ports = [dist_helpers.free_port() for _ in range(2)]
+    mp.spawn(_fake_gpu_worker, args=(ports, out_dir), nprocs=2, join=True)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_without_local_rank_both_readers_use_slurm_localid(fake_gpu_job):
+    for rank, seen in enumerate(fake_gpu_job):
+        mine = seen["slurm_localid"]
+        # the GPU joined for NCCL, the rank's recorded GPU and its compute device agree
+        assert mine["set_device"] == mine["local_rank"] == mine["current"] == 1 - rank
+        assert mine["device"] == mine["auto"] == f"cuda:{1 - rank}"
+        assert mine["backend"] == "nccl" and mine["sum"] == 3
+
+
+@pytest.mark.slow
+def test_one_gpu_per_task_binding_uses_the_visible_gpu(fake_gpu_job):
+    for seen in fake_gpu_job:
+        mine = seen["one_gpu_per_task"]
+        assert "error" not in mine, mine
+        assert mine["set_device"] == mine["local_rank"] == mine["current"] == 0
+        assert mine["device"] == "cuda:0" and mine["sum"] == 3
+
+
+@pytest.mark.slow
+def test_explicit_gpu_index_is_refused_under_torchrun(fake_gpu_job):
+    for seen in fake_gpu_job:
+        for message in (seen["explicit_index"], seen["slurm_localid"]["explicit"]):
+            assert message.startswith("JregfixError: --device cuda:1: under torchrun")
+            assert "\n" not in message
+
+
+def test_local_rank_sources_in_order(monkeypatch):
+    from jregfix.distributed import local_rank
+
+    for key in ("LOCAL_RANK", "SLURM_LOCALID", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert local_rank() == 0
+    monkeypatch.setenv("RANK", "9")
+    assert local_rank() == 1  # global rank, modulo the 4 visible GPUs
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert local_rank() == 2
+    monkeypatch.setenv("LOCAL_RANK", "7")
+    assert local_rank() == 3
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert local_rank() == 7  # no GPUs: the launcher's number as it is
+    monkeypatch.setenv("LOCAL_RANK", "one")
+    with pytest.raises(JregfixError, match="LOCAL_RANK='one' is not an integer"):
+        local_rank()
+
+
+def test_torchrun_cli_refuses_an_explicit_gpu_in_one_line(monkeypatch, capsys):
+    from jregfix.cli.app import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["refine", "--init", "i.npz", "--gt", "g.npz", "--silhouettes", "s.npz", "--smpl",
+            "m.pkl", "--joint-regressor", "J.npy", "--out", "o.npz", "--device", "cuda:1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda:1: under torchrun every process uses the GPU of its LOCAL_RANK" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

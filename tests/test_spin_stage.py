@@ -15,7 +15,6 @@ from jregfix.errors import JregfixError
 from jregfix.geometry.crop import crop_image
 from jregfix.io.images import read_image
 from jregfix.models.hmr import build_hmr, normalize_images
-from jregfix.stages.frames import resolve_device
 from jregfix.stages.spin import SpinConfig, run_spin
 from tests.legacy_torch import save_legacy_cuda
 from tests.test_hmr import gram_schmidt_interleaved, random_hmr_state, write_mean_params
@@ -131,25 +130,25 @@ def test_missing_and_unreadable_images(setup, tmp_path):
     assert manifest["skipped"] == 2
 
 
-def test_cli(setup, tmp_path, capsys):
+def test_cli(setup, tmp_path, capsys, monkeypatch):
+    import jregfix.stages.frames as frames
+
+    pools = []
+    real_pool = frames.ThreadPoolExecutor
+    monkeypatch.setattr(frames, "ThreadPoolExecutor",
+                        lambda workers: pools.append(workers) or real_pool(workers))
     out = tmp_path / "cli.npz"
     argv = ["spin", "--h36m", str(setup / "gt.npz"), "--images", str(setup / "h36m"),
             "--checkpoint", str(setup / "model_checkpoint.pt"), "--mean-params",
-            str(setup / "smpl_mean_params.npz"), "--out", str(out), "--batch-size", "5",
-            "--device", "cpu"]
+            str(setup / "smpl_mean_params.npz"), "--out", str(out), "--batch-size", "2",
+            "--device", "cpu", "--workers", "3"]
     assert main(argv) == 0
     assert np.load(out)["pose"].shape == (5, 72)
+    manifest = json.loads((tmp_path / "cli.npz.manifest.json").read_text())
+    assert manifest["run_config"]["workers"] == 3 and pools == [3]  # one chunk, 3 threads
+    assert manifest["numerics"] == {"device_type": "cpu"}
     bad = list(argv)
     bad[bad.index("--checkpoint") + 1] = str(tmp_path / "absent.pt")
     assert main(bad + ["--force"]) == 1
     assert "absent.pt" in capsys.readouterr().err
 
-
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(JregfixError, match="unknown device 'gpu0'"):
-        resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(JregfixError, match="CUDA is not available"):
-            resolve_device("cuda")

@@ -24,6 +24,17 @@ def image_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def in_front(vertices: torch.Tensor, z_near: float = Z_NEAR) -> tuple[torch.Tensor, torch.Tensor]:
+    """vertices (B, V, 3) -> the same with points at z <= z_near replaced by (0, 0, 1), and the
+    mask (B, V) of the points kept. The stand-in keeps projections finite (and gradients
+    through torch.where); callers drop what touches it."""
+    front = vertices[..., 2] > z_near
+    # (0, 0, 1) is written on the device: a tensor from Python data is a blocking upload there.
+    ahead = vertices.new_zeros(3)
+    ahead[2] = 1.0
+    return torch.where(front[..., None], vertices, ahead), front
+
+
 def screen_triangles(
     vertices: torch.Tensor,
     faces: torch.Tensor,
@@ -45,11 +56,7 @@ def screen_triangles(
             f"camera has batch size {camera.batch_size} but vertices {vertices.shape[0]}")
     if cam_t is not None:
         vertices = vertices + cam_t[:, None, :]
-    z = vertices[..., 2]
-    front = z > z_near
-    # Behind-camera vertices get a harmless depth so the projection stays finite (and so do
-    # gradients through torch.where); their faces are dropped via ``valid``.
-    safe = torch.where(front[..., None], vertices, vertices.new_tensor([0.0, 0.0, 1.0]))
+    safe, front = in_front(vertices, z_near)
     uv = project(safe, camera)
     faces = faces.to(device=vertices.device, dtype=torch.long)
     tri = uv[:, faces]
@@ -58,22 +65,22 @@ def screen_triangles(
 
 
 def _bucket(n: torch.Tensor) -> torch.Tensor:
-    """Round box sizes up to few distinct values: at least 4, exact up to 8, then multiples of
-    n / 8 rounded down to a power of two (8, 10, 12, 14, 16, 20, ...; <= 25 % larger). Fewer
-    distinct box shapes means fewer (and larger) vectorised groups in :func:`box_groups`."""
+    """Round box sizes up: at least 4, exact up to 8, then multiples of n / 8 rounded down to a
+    power of two (8, 10, 12, 14, 16, 20, ...; <= 25 % larger)."""
     step = torch.exp2(torch.floor(torch.log2(n.clamp(min=1).double())) - 2).clamp(min=1).long()
     return ((n + step - 1) // step * step).clamp(min=4)
 
 
 def pixel_ranges(
-    tri: torch.Tensor, valid: torch.Tensor, h: int, w: int, margin: float
+    tri: torch.Tensor, valid: torch.Tensor, h: int, w: int, margin: float, round_up: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pixel boxes covering each face's bounding box grown by ``margin`` px, inside the image.
+    """Pixel boxes holding the pixel centres in each face's bounding box grown by ``margin`` px.
 
-    tri (B, F, 3, 2) -> first column x0, first row y0, widths nx, heights ny (each (B, F) int64;
-    nx * ny = 0 for invalid faces and faces entirely outside the image). Box sizes are rounded
-    up (:func:`_bucket`, shifted to stay inside the image), so a box may hold a few more pixel
-    centres than the grown bounding box; those pairs are evaluated exactly like the others.
+    tri (B, F, 3, 2) -> first column x0, first row y0, widths nx, heights ny (each (B, F) int64,
+    0 <= x0 <= x0 + nx <= W and likewise for y; nx * ny = 0 for invalid faces and faces
+    entirely outside the image). ``round_up`` enlarges the sides with :func:`_bucket` (shifted
+    to stay inside the image): the soft silhouette's boxes, whose extra pairs are evaluated
+    exactly like the others.
     """
     lo = tri.amin(-2) - (margin + 0.5)
     hi = tri.amax(-2) - (0.5 - margin)
@@ -83,11 +90,12 @@ def pixel_ranges(
     x0, y0 = lo[..., 0].clamp(0, w), lo[..., 1].clamp(0, h)
     nx = (hi[..., 0].clamp(max=w - 1) - x0 + 1).clamp(min=0)
     ny = (hi[..., 1].clamp(max=h - 1) - y0 + 1).clamp(min=0)
-    empty = ~valid | (nx == 0) | (ny == 0)
-    nx, ny = _bucket(nx).clamp(max=w), _bucket(ny).clamp(max=h)
-    x0, y0 = torch.minimum(x0, w - nx), torch.minimum(y0, h - ny)
-    nx = nx.masked_fill(empty, 0)
-    return x0, y0, nx, ny
+    if round_up:
+        empty = ~valid | (nx == 0) | (ny == 0)
+        nx, ny = _bucket(nx).clamp(max=w), _bucket(ny).clamp(max=h)
+        x0, y0 = torch.minimum(x0, w - nx), torch.minimum(y0, h - ny)
+        return x0, y0, nx.masked_fill(empty, 0), ny
+    return x0, y0, nx * valid, ny
 
 
 def rect_sums(
@@ -106,52 +114,52 @@ def rect_sums(
     return at(y1, x1) - at(y0, x1) - at(y1, x0) + at(y0, x0)
 
 
-def box_groups(
-    nx: torch.Tensor, ny: torch.Tensor, max_pairs: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Group faces by box shape so every group is a dense (faces x box pixels) grid.
+def box_pairs(
+    x0: torch.Tensor, y0: torch.Tensor, nx: torch.Tensor, ny: torch.Tensor, h: int, w: int,
+    max_pairs: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every (face, pixel) pair of the boxes from :func:`pixel_ranges`, as one flat list cut
+    into chunks of at most ``max_pairs`` pairs.
 
-    nx, ny (B, F) box widths/heights from :func:`pixel_ranges`. Yields (fi, ox, oy): flat face
-    indices b * F + f (M,) int64 sharing one box shape, and the K = nx * ny column/row offsets
-    (K,) int64 inside that box; M * K <= max(max_pairs, K). Faces with empty boxes are skipped.
-    Grids avoid per-pair index arithmetic: face constants broadcast along K, offsets along M.
+    Yields (face, pix, col, row), each (n,): flat face indices b * F + f (int32), flat pixel
+    indices b * H * W + row * W + col (int64), and the pixel's column and row. The list is
+    built with a fixed number of device ops whatever the box sizes; the only host read is its
+    length (one sync per call), and each chunk costs a dozen kernels.
     """
+    b, f = nx.shape
     nx, ny = nx.reshape(-1), ny.reshape(-1)
-    fi = (nx * ny).nonzero().squeeze(1)
-    if fi.numel() == 0:
+    counts = nx * ny
+    ends = counts.cumsum(0)
+    total = int(ends[-1]) if counts.numel() else 0
+    if total == 0:
         return
-    key = ny[fi] * (int(nx.max()) + 1) + nx[fi]
-    key, order = key.sort(stable=True)
-    fi = fi[order]
-    counts = torch.unique_consecutive(key, return_counts=True)[1]
-    start = 0
-    for count in counts.tolist():
-        gx, gy = int(nx[fi[start]]), int(ny[fi[start]])
-        k = gx * gy
-        local = torch.arange(k, device=fi.device)
-        ox, oy = local % gx, local // gx
-        step = max(1, max_pairs // k)
-        for lo in range(start, start + count, step):
-            yield fi[lo:min(lo + step, start + count)], ox, oy
-        start += count
+    if b * h * w >= 2**31:
+        raise JregfixError(f"{b} images of {h}x{w} px exceed the renderer's 2^31 pixels per "
+                           "call; render the batch in parts")
+    # Pair -> face; int32 halves the memory of this (and the saved backward) list.
+    face_of = torch.arange(b * f, dtype=torch.int32, device=nx.device).repeat_interleave(
+        counts, output_size=total)
+    image = torch.arange(b * f, device=nx.device) // f
+    # Per face: first pair, box width, box corner, first pixel of its image.
+    info = torch.stack([ends - counts, nx, x0.reshape(-1), y0.reshape(-1), image * (h * w)], 1)
+    for lo in range(0, total, max_pairs):
+        hi = min(lo + max_pairs, total)
+        face = face_of[lo:hi]
+        start, width, col0, row0, offset = info.index_select(0, face).unbind(1)
+        local = torch.arange(lo, hi, device=nx.device) - start
+        oy = local.div(width, rounding_mode="floor")
+        col = col0 + (local - oy * width)
+        row = row0 + oy
+        yield face, offset + row * w + col, col, row
 
 
-def box_pixels(
-    fi: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor,
-    num_faces: int, h: int, w: int,
-) -> torch.Tensor:
-    """Flat pixel indices b * H * W + row * W + col (M, K) of a :func:`box_groups` grid."""
-    x0, y0 = x0.reshape(-1), y0.reshape(-1)
-    base = (fi // num_faces) * (h * w) + y0[fi] * w + x0[fi]
-    return base[:, None] + (oy * w + ox)[None, :]
-
-
-def inside_grid(tri: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
-    """Are points (px, py) (M, K) inside or on triangles tri (M, 3, 2) (either orientation)?"""
+def inside_triangles(corners: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Are points (px, py) (n,) inside or on triangles with corners (6, n) = x0, x1, x2, y0, y1,
+    y2 (either orientation)?"""
     cmin = cmax = None
     for i in range(3):
-        ax, ay = tri[:, i, 0:1], tri[:, i, 1:2]
-        ex, ey = tri[:, (i + 1) % 3, 0:1] - ax, tri[:, (i + 1) % 3, 1:2] - ay
+        ax, ay = corners[i], corners[3 + i]
+        ex, ey = corners[(i + 1) % 3] - ax, corners[3 + (i + 1) % 3] - ay
         cross = ex * (py - ay) - ey * (px - ax)
         if cmin is None:
             cmin = cmax = cross

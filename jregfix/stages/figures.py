@@ -39,15 +39,23 @@ def _save(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def _on_body(body, array: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor on the body's device and in its dtype (the body may be on a
+    GPU; figures are drawn from CPU copies of the results)."""
+    return torch.from_numpy(np.asarray(array)).to(body.template.device, body.template.dtype)
+
+
 def _silhouettes(body, params, rows: np.ndarray, size: int) -> np.ndarray:
-    dtype = body.template.dtype
+    """(len(rows), size, size) bool hard silhouettes of ``params``' rows."""
+    template = body.template
     with torch.no_grad():
-        rot = pose_to_rotmat(torch.from_numpy(params.pose[rows]).to(dtype), body.num_joints)
-        betas = fit_betas(torch.from_numpy(params.betas[rows]).to(dtype), body.num_betas)
+        rot = pose_to_rotmat(_on_body(body, params.pose[rows]), body.num_joints)
+        betas = fit_betas(_on_body(body, params.betas[rows]), body.num_betas)
         verts = body.vertices(rot, betas)
-        cam = PinholeCamera.spin_crop(len(rows), FOCAL_LENGTH * size / 224, size, dtype)
+        cam = PinholeCamera.spin_crop(len(rows), FOCAL_LENGTH * size / 224, size, template.dtype,
+                                      template.device)
         return hard_silhouette(verts, body.faces, cam, size,
-                               cam_t=torch.from_numpy(params.cam_t[rows]).to(dtype)).numpy()
+                               cam_t=_on_body(body, params.cam_t[rows])).cpu().numpy()
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,12 +92,11 @@ def silhouette_figure(path: Path, body, init: Path, refined: Path, masks: Path, 
 
 
 def _joints(body, params, row: int, regressors: Mapping[str, str]) -> dict[str, np.ndarray]:
-    dtype = body.template.dtype
+    """{regressor name: (K, 3) root-relative joints} of ``params``' row ``row``."""
     with torch.no_grad():
-        rot = pose_to_rotmat(torch.from_numpy(params.pose[row:row + 1]).to(dtype),
-                             body.num_joints)
-        betas = fit_betas(torch.from_numpy(params.betas[row:row + 1]).to(dtype), body.num_betas)
-        verts = body.vertices(rot, betas)[0].double().numpy()
+        rot = pose_to_rotmat(_on_body(body, params.pose[row:row + 1]), body.num_joints)
+        betas = fit_betas(_on_body(body, params.betas[row:row + 1]), body.num_betas)
+        verts = body.vertices(rot, betas)[0].double().cpu().numpy()
     out = {}
     for name, path in regressors.items():
         j = load_regressor(path) @ verts
@@ -103,10 +110,10 @@ def pose_figure(path: Path, body, gt: Path, method: Mapping, regressors: Mapping
 
     data = load_h36m(gt)
     if params is not None:
-        pred = load_prediction("npz", params, data.imgname)
+        pred = load_prediction("npz", params, data)
         label = Path(params).name
     else:
-        pred = load_prediction(method["method"], method["path"], data.imgname)
+        pred = load_prediction(method["method"], method["path"], data)
         label = method.get("label", method["method"])
     gt_row = int(pred.rows[0])
     joints = _joints(body, pred.params, 0, regressors)

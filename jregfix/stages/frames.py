@@ -1,8 +1,9 @@
-"""Shared plumbing of the per-frame stages: device choice, prefetched image batches, chunking,
-and the split of chunks over the processes of a distributed job."""
+"""Shared plumbing of the per-frame stages: prefetched image batches, chunking, and the split
+of chunks over the processes of a distributed job."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
@@ -23,17 +23,12 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]  # (frames done, frames total)
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise JregfixError(f"unknown device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise JregfixError(f"device {device!r} requested but CUDA is not available")
-    return dev
+def default_workers() -> int:
+    """Image decoding threads per process: the CPUs this process may run on, shared by the
+    processes of a torchrun job on the node (``LOCAL_WORLD_SIZE``). Decoding and cropping a
+    1000² frame takes 15-30 ms, so a GPU needs several threads to be kept busy."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def prefetch_batches(fn: Callable[[int], T], rows: Sequence[int], batch_size: int,
@@ -118,7 +113,9 @@ def compute_frame_chunks(store: ChunkStore, ranges: list[tuple[int, int]], ranks
         start, stop = ranges[ci]
         parts, kept, skipped = [], [], [r for r in range(start, stop) if not present[r]]
         rows = [r for r in range(start, stop) if present[r]]
-        for batch_rows, frames in prefetch_batches(read, rows, batch_size, workers):
+        # enough batches in flight to keep every decoding thread busy
+        ahead = max(2, -(-workers // batch_size))
+        for batch_rows, frames in prefetch_batches(read, rows, batch_size, workers, ahead):
             ok = [i for i, f in enumerate(frames) if f is not None]
             skipped += [batch_rows[i] for i, f in enumerate(frames) if f is None]
             if ok:

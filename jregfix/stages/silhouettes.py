@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jregfix.device import numerics, numerics_record
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.crop import crop_image, crop_map, square_box
 from jregfix.io.atomic import write_bytes
+from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.h36m import H36MData, load_h36m
 from jregfix.io.images import check_images, read_image, resolve_image
+from jregfix.io.lock import locks_output
 from jregfix.io.manifest import (
     ChunkStore,
     chunk_ranges,
@@ -39,9 +42,9 @@ from jregfix.stages.frames import (
     Progress,
     chunk_dir,
     compute_frame_chunks,
+    default_workers,
     frame_reader,
     merged_frame_chunks,
-    resolve_device,
 )
 
 # images (list of uint8 RGB (H,W,3)) -> per image {"boxes" (K,4), "scores" (K,), "masks" (K,H,W)}
@@ -57,10 +60,10 @@ class SilhouetteConfig:
     min_iou: float = 0.1
     mask_threshold: float = 0.5
     batch_size: int = 2
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (jregfix.device)
     skip_missing: bool = False
     chunk_size: int = 256
-    workers: int = 2
+    workers: int | None = None  # image decoding threads; None: frames.default_workers()
     force: bool = False
 
 
@@ -96,13 +99,12 @@ def select_person(boxes: np.ndarray, scores: np.ndarray, crop_square: np.ndarray
     return (best if iou[best] >= min_iou and iou[best] > 0 else None), float(iou[best])
 
 
-def torchvision_detector(weights: str | Path | None, device: str,
+def torchvision_detector(weights: str | Path | None, device: torch.device,
                          score_threshold: float) -> Detector:
     from jregfix.models.maskrcnn import build_maskrcnn, detect_people
 
-    dev = resolve_device(device)
-    model = build_maskrcnn(weights).to(dev)
-    return lambda images: detect_people(model, images, dev, score_threshold)
+    model = build_maskrcnn(weights).to(device)
+    return lambda images: detect_people(model, images, device, score_threshold)
 
 
 def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, rows: list[int],
@@ -127,6 +129,7 @@ def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, r
             "box": box}
 
 
+@locks_output("out")  # one writer per output and its chunks, for the whole stage
 def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
                     config: SilhouetteConfig | None = None, progress: Progress | None = None,
                     detector: Detector | None = None, figure: str | Path | None = None,
@@ -138,12 +141,15 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
     ``progress`` counts this rank's frames.
     """
     config = config or SilhouetteConfig()
+    refuse_overwriting_inputs({"--h36m": h36m, "--weights": config.weights},
+                              {"--out": out, "--save-figures": figure})
     ranks = ranks or Ranks()
     if config.batch_size <= 0:
         raise JregfixError(f"batch size must be positive, got {config.batch_size}")
     if detector is None and config.backend not in BACKENDS:
         raise JregfixError(f"unknown segmentation backend {config.backend!r}; "
                            f"available: {', '.join(BACKENDS)}")
+    device = ranks.device(config.device)
     out = Path(out)
     data = load_h36m(h36m, require_3d=False)
     present = check_images(images, data.imgname, config.skip_missing)
@@ -163,17 +169,22 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
             return SilhouetteResult(out, len(z["imgname"]), int(z["found"].sum()),
                                     up_to_date=True)
     if detector is None:
-        detector = torchvision_detector(weights, ranks.device(config.device),
-                                        config.score_threshold)
+        detector = torchvision_detector(weights, device, config.score_threshold)
 
     with ranks.main_first():
-        store = ChunkStore(chunk_dir(out), record)
+        store = ChunkStore(chunk_dir(out), record, nan_marks=("box",))
     ranges = chunk_ranges(len(data), config.chunk_size)
     read = frame_reader(data, images, config.skip_missing, crop=False)
-    resumed = compute_frame_chunks(
-        store, ranges, ranks, read, present, data.imgname, config.batch_size, config.workers,
-        lambda rows, imgs: frame_silhouettes(detector(imgs), data, rows, config),
-        lambda: frame_silhouettes([], data, [], config), progress)
+    # IEEE fp32 on CUDA (TF32 would move mask borders). Deterministic mode stays off: the
+    # masks are thresholded, and an op of torchvision's detector without a deterministic CUDA
+    # kernel would stop the stage
+    with numerics(device, deterministic=False):
+        resumed = compute_frame_chunks(
+            store, ranges, ranks, read, present, data.imgname, config.batch_size,
+            config.workers or default_workers(),
+            lambda rows, imgs: frame_silhouettes(detector(imgs), data, rows, config),
+            lambda: frame_silhouettes([], data, [], config), progress)
+        gpu_numerics = numerics_record(device)
 
     merged, skipped = merged_frame_chunks(store, len(ranges), ranks, data.imgname,
                                           f"{h36m} under {images}")
@@ -184,7 +195,8 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
         write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
                        extra={"frames": len(merged["gt_row"]), "found": int(merged["found"].sum()),
                               "skipped": len(skipped), "skipped_examples": skipped[:20],
-                              "processes": ranks.world_size, "run_config": asdict(config)})
+                              "processes": ranks.world_size, "run_config": asdict(config),
+                              "device": str(device), "numerics": gpu_numerics})
         store.remove()
         if figure is not None:
             fig = save_overlay_figure(figure, data, images, out)

@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from jregfix.body.rotations import rotmat_to_axis_angle
+from jregfix.device import numerics, numerics_record
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import weak_to_cam_t
-from jregfix.io.atomic import save_npz
+from jregfix.io.atomic import npz_bytes
+from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.h36m import load_h36m
 from jregfix.io.images import check_images
+from jregfix.io.lock import locks_output
 from jregfix.io.manifest import (
     ChunkStore,
     chunk_ranges,
@@ -29,26 +32,26 @@ from jregfix.io.manifest import (
     manifest_path,
     read_manifest,
     stage_record,
-    write_manifest,
+    write_output,
 )
 from jregfix.models.hmr import build_hmr, normalize_images
 from jregfix.stages.frames import (
     Progress,
     chunk_dir,
     compute_frame_chunks,
+    default_workers,
     frame_reader,
     merged_frame_chunks,
-    resolve_device,
 )
 
 
 @dataclass
 class SpinConfig:
     batch_size: int = 16
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (jregfix.device)
     skip_missing: bool = False
     chunk_size: int = 2048  # frames per resumable chunk
-    workers: int = 2  # image decoding threads
+    workers: int | None = None  # image decoding threads; None: frames.default_workers()
     force: bool = False  # recompute even when the output is current
 
 
@@ -82,6 +85,7 @@ def _empty_chunk() -> dict[str, np.ndarray]:
     return {k: np.zeros(s, np.float32) for k, s in shapes.items()}
 
 
+@locks_output("out")  # one writer per output and its chunks, for the whole stage
 def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
              mean_params: str | Path | None, out: str | Path,
              config: SpinConfig | None = None, progress: Progress | None = None,
@@ -92,10 +96,13 @@ def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
     writes its chunks, rank 0 merges them (the output is the single-process one, byte for
     byte, given the same per-frame numbers). ``progress`` counts this rank's frames.
     """
+    refuse_overwriting_inputs({"--h36m": h36m, "--checkpoint": checkpoint,
+                               "--mean-params": mean_params}, {"--out": out})
     config = config or SpinConfig()
     ranks = ranks or Ranks()
     if config.batch_size <= 0:
         raise JregfixError(f"batch size must be positive, got {config.batch_size}")
+    device = ranks.device(config.device)
     out = Path(out)
     data = load_h36m(h36m, require_3d=False)
     present = check_images(images, data.imgname, config.skip_missing)
@@ -108,28 +115,30 @@ def run_spin(h36m: str | Path, images: str | Path, checkpoint: str | Path,
         with np.load(out, allow_pickle=False) as z:
             return SpinResult(out, len(z["imgname"]), up_to_date=True)
 
-    device = resolve_device(ranks.device(config.device))
     model, report = build_hmr(checkpoint, mean_params)
     model.to(device)
     with ranks.main_first():
         store = ChunkStore(chunk_dir(out), record)
     ranges = chunk_ranges(len(data), config.chunk_size)
     read = frame_reader(data, images, config.skip_missing, crop=True)
-    resumed = compute_frame_chunks(
-        store, ranges, ranks, read, present, data.imgname, config.batch_size, config.workers,
-        lambda rows, crops: predict_crops(model, np.stack(crops), device), _empty_chunk,
-        progress)
+    with numerics(device):  # IEEE fp32 convolutions (no TF32), deterministic kernels on CUDA
+        resumed = compute_frame_chunks(
+            store, ranges, ranks, read, present, data.imgname, config.batch_size,
+            config.workers or default_workers(),
+            lambda rows, crops: predict_crops(model, np.stack(crops), device), _empty_chunk,
+            progress)
+        gpu_numerics = numerics_record(device)
 
     merged, skipped = merged_frame_chunks(store, len(ranges), ranks, data.imgname,
                                           f"{h36m} under {images}")
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
     if merged is not None:
-        save_npz(out, **merged)
-        write_manifest(manifest_path(out), record, outputs={"spin": out},
-                       extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
-                              "skipped_examples": skipped[:20], "device": str(device),
-                              "processes": ranks.world_size, "run_config": asdict(config),
-                              "checkpoint_filled": report.filled})
+        write_output(out, npz_bytes(**merged), record, "spin",
+                     extra={"frames": len(merged["gt_row"]), "skipped": len(skipped),
+                            "skipped_examples": skipped[:20], "device": str(device),
+                            "numerics": gpu_numerics,
+                            "processes": ranks.world_size, "run_config": asdict(config),
+                            "checkpoint_filled": report.filled})
         store.remove()
     ranks.barrier()  # the output exists when any rank returns
     frames = (read_manifest(manifest_path(out)) or {}).get("frames", 0)
