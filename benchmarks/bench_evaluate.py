@@ -1,10 +1,20 @@
-"""Evaluate throughput: batched LBS + regression + Procrustes vs a per-frame numpy loop.
+"""Evaluate throughput: joints from the regressors' vertices only vs skinning the whole mesh.
 
-    .venv/bin/python benchmarks/bench_evaluate.py [--frames 20000] [--naive-frames 300]
+    .venv/bin/python benchmarks/bench_evaluate.py [--frames 20000] [--chunk-size 256]
+        [--sparse-regressor retrained_J_Regressor.pt] [--dense-support 400] [--threads N]
 
-Uses the synthetic SMPL-format model (6890 vertices). The naive reference evaluates one frame at
-a time in numpy (LBS, J @ V, SVD Procrustes); it runs on a subset and its per-frame rate is
-used for the ratio. Both sides are timed in this one run.
+Two regressors, as in Table I: a wide one (every row reads ``--dense-support`` vertices, wider
+than SPIN's H36M regressor) and a narrow one (the released Hedlin file when given, applied with
+ReLU and row renormalisation; otherwise a synthetic one on 58 vertices, as many as Hedlin's
+reads). Both paths run in this one process on the same frames of the synthetic SMPL-format model:
+
+* new: `evaluate` as shipped (sparse or folded regression, :mod:`jregfix.body.regressed_joints`);
+* old: `evaluate` with a body that only offers full vertices (every frame skinned in full,
+  then J @ V), i.e. the path before.
+
+Printed: frames/s of each, end to end and for the joints alone, their ratio, and the largest
+difference between the two result documents (must be < 1e-4 mm). Use a quiet machine for
+figures: the load average is printed as a warning when above the core count.
 """
 
 from __future__ import annotations
@@ -22,61 +32,112 @@ from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jregfix.body.base import joint_regression  # noqa: E402
 from jregfix.body.smpl import SMPLBody  # noqa: E402
 from jregfix.body.synthetic import make_smpl_like_model, write_released_style_pickle  # noqa: E402
 from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m  # noqa: E402
+from jregfix.io.regressors import effective_regressor, load_regressor  # noqa: E402
 from jregfix.stages.evaluate import evaluate  # noqa: E402
-from tests.test_metrics import reference_pa  # noqa: E402
-from tests.test_smpl import numpy_lbs  # noqa: E402
 
-H36M_TO_J14 = [6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10]
+
+class FullMesh:
+    """The body without its fast joint path: `evaluate` then skins every vertex (the old path)."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def __getattr__(self, name):
+        if name == "regressed_joints":
+            raise AttributeError(name)
+        return getattr(self._body, name)
+
+
+def regressors(args, rng, tmp: Path) -> dict[str, Path]:
+    wide = np.zeros((17, 6890))
+    for row in range(17):
+        wide[row, rng.choice(6890, args.dense_support, replace=False)] = rng.dirichlet(
+            np.ones(args.dense_support))
+    if args.sparse_regressor:
+        narrow = effective_regressor(load_regressor(args.sparse_regressor))
+    else:
+        cols = rng.choice(6890, 58, replace=False)
+        narrow = np.zeros((17, 6890))
+        for row in range(17):
+            narrow[row, rng.choice(cols, 6, replace=False)] = rng.dirichlet(np.ones(6))
+    np.save(tmp / "wide.npy", wide)
+    np.save(tmp / "narrow.npy", np.asarray(narrow, dtype=np.float64))
+    return {"wide": tmp / "wide.npy", "narrow": tmp / "narrow.npy"}
+
+
+def numbers(doc) -> np.ndarray:
+    return np.array([v for r in doc["results"] for v in
+                     (r["mpjpe_mm"], r["pa_mpjpe_mm"], *r["per_joint_mm"].values())])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=20000)
-    ap.add_argument("--naive-frames", type=int, default=300)
+    ap.add_argument("--chunk-size", type=int, default=256, help="evaluate's --chunk-size")
+    ap.add_argument("--sparse-regressor", default=None,
+                    help="the released Hedlin regressor (.pt) as the narrow one")
+    ap.add_argument("--dense-support", type=int, default=400,
+                    help="vertices per row of the synthetic wide regressor")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = args.frames
     rng = np.random.default_rng(0)
-    model = make_smpl_like_model()
     tmp = Path(tempfile.mkdtemp())
-    write_released_style_pickle(tmp / "smpl.pkl", model)
+    write_released_style_pickle(tmp / "smpl.pkl", make_smpl_like_model())
     body = SMPLBody(tmp / "smpl.pkl")
+    regs = regressors(args, rng, tmp)
     aa = rng.normal(size=(n, 72)) * 0.2
     betas = rng.normal(size=(n, 10))
-    j = np.zeros((17, 6890))
-    for r in range(17):
-        j[r, rng.choice(6890, 6, replace=False)] = rng.dirichlet(np.ones(6))
-    np.save(tmp / "J.npy", j)
     gt17 = rng.normal(size=(n, 17, 3)) * 0.3
     names = [h36m_imgname("S9", "Walking_1", "60457274", i + 1) for i in range(n)]
     save_h36m(tmp / "gt.npz", names, np.zeros((n, 2)), np.ones(n), joints17_to_s24(gt17))
     np.savez(tmp / "pred.npz", pose=aa, betas=betas)
 
-    t = time.perf_counter()
-    doc = evaluate([("spin", tmp / "pred.npz")], tmp / "gt.npz", {"J": tmp / "J.npy"}, body=body,
-                   chunk_size=512)
-    ours = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    print(f"threads: torch {torch.get_num_threads()}, cpus {cpus}, load average {load:.1f}")
+    if load > cpus:
+        print("WARNING: the machine is busy (load average above the core count); "
+              "do not record these figures")
 
-    m = args.naive_frames
-    rot = Rotation.from_rotvec(aa[:m].reshape(-1, 3)).as_matrix().reshape(m, 24, 3, 3)
-    t = time.perf_counter()
-    errs = []
-    for i in range(m):
-        v = numpy_lbs(model, rot[i], betas[i])
-        pj = j @ v
-        pj = (pj - pj[:1])[H36M_TO_J14]
-        g = (gt17[i] - gt17[i, :1])[H36M_TO_J14]
-        errs.append((np.linalg.norm(pj - g, axis=1).mean(), reference_pa(pj, g)))
-    naive = (time.perf_counter() - t) / m * n
-    ours_sub = np.array([doc["results"][0]["mpjpe_mm"]])
-    print(f"threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
-    print(f"ours:  {n} frames in {ours:.1f} s = {n / ours:.0f} frames/s")
-    print(f"naive: {m} frames timed, {m / (naive * m / n):.0f} frames/s "
-          f"(extrapolated {naive:.0f} s for {n})")
-    print(f"speed-up: {naive / ours:.1f}x")
-    print(f"check: mean MPJPE ours {ours_sub[0]:.2f} mm over {n} frames")
+    stacked = torch.from_numpy(np.concatenate([np.load(p) for p in regs.values()]))
+    plan = body.regressed_joints(stacked, [17, 17])
+    print(f"plan: wide {plan.paths[0]}, narrow {plan.paths[1]}; {plan.num_sparse} vertices "
+          f"skinned, {plan.num_pairs} (joint, bone) pairs folded; {plan.macs_per_frame:,} "
+          f"multiply-adds/frame (full mesh: {6890 * (3 * 217 + 24 * 12 + 12):,})")
+
+    rot = torch.from_numpy(Rotation.from_rotvec(aa.reshape(-1, 3)).as_matrix()).float()
+    rot, b = rot.view(n, 24, 3, 3), torch.from_numpy(betas).float()
+    joints = {}
+    for label, model in (("new", body), ("old", FullMesh(body))):
+        regress = joint_regression(model, stacked, [17, 17])
+        t = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, n, args.chunk_size):
+                regress(rot[start:start + args.chunk_size], b[start:start + args.chunk_size])
+        joints[label] = time.perf_counter() - t
+
+    docs, total = {}, {}
+    for label, model in (("new", body), ("old", FullMesh(body))):
+        t = time.perf_counter()
+        docs[label] = evaluate([("spin", tmp / "pred.npz")], tmp / "gt.npz", regs, body=model,
+                               chunk_size=args.chunk_size)
+        total[label] = time.perf_counter() - t
+
+    for label in ("new", "old"):
+        print(f"{label}: evaluate {n / total[label]:,.0f} frames/s ({total[label]:.2f} s), "
+              f"joints alone {n / joints[label]:,.0f} frames/s ({joints[label]:.2f} s)")
+    print(f"speed-up: evaluate {total['old'] / total['new']:.1f}x, "
+          f"joints {joints['old'] / joints['new']:.1f}x")
+    diff = np.abs(numbers(docs["new"]) - numbers(docs["old"])).max()
+    print(f"check: largest difference between the two result documents {diff:.2e} mm "
+          f"({'ok' if diff < 1e-4 else 'TOO LARGE'})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Camera conventions checked against hand-written numpy formulas (conventions.md 2.1-2.2)."""
+"""Camera conventions checked against hand-written numpy formulas (SPIN geometry.py)."""
 
 import numpy as np
 import pytest

@@ -25,7 +25,7 @@ RES = 224
 
 
 def ref_box(center, scale):
-    """conventions.md §2.3: the box is [trunc(c - h/2), trunc(c + h/2)), h = 200 scale."""
+    """SPIN utils/imutils.py: the box is [trunc(c - h/2), trunc(c + h/2)), h = 200 scale."""
     h = 200.0 * scale
     return np.trunc(center - h / 2).astype(int), np.trunc(center + h / 2).astype(int)
 
@@ -122,7 +122,7 @@ def test_crop_against_reference(shape, center, scale):
 def test_crop_im1010_fixture():
     img = read_image(FIXTURES / "im1010.jpg")
     x, y, w, h = json.loads((FIXTURES / "im1010_bbox.json").read_text())["bbox"]
-    # SPIN demo --bbox rule (conventions.md §2.3 table): centre ul + wh/2, scale max(w,h)/200.
+    # SPIN demo --bbox rule (SPIN demo.py): centre ul + wh/2, scale max(w,h)/200.
     center, scale = np.array([x + w / 2, y + h / 2]), max(w, h) / 200
     ul, br = crop_box(center, scale)
     rul, rbr = ref_box(center, scale)

@@ -1,5 +1,6 @@
 """End-to-end `evaluate` on a synthetic world whose answer is computed independently."""
 
+import hashlib
 import json
 import pickle
 
@@ -117,7 +118,7 @@ def test_vibe_and_meva_pickles(world, smpl_body, tmp_path, writer):
     meva = {k: {kk: vv for kk, vv in t.items() if kk != "verts"} for k, t in tracks.items()}
     joblib.dump(meva, tmp_path / "meva_output.pkl")
     doc = evaluate([("vibe", path), ("meva", tmp_path / "meva_output.pkl")], r / "gt.npz",
-                   {"true": r / "J_true.npy"}, body=smpl_body)
+                   {"true": r / "J_true.npy"}, body=smpl_body, frame_ids="rows")
     e, pa = independent_errors(world, world["j_true"], np.arange(N))
     for res in doc["results"]:
         assert res["mpjpe_mm"] == pytest.approx(e, abs=1e-2)
@@ -134,9 +135,9 @@ def test_missing_frames_need_allow_missing(world, smpl_body, tmp_path):
 
     with pytest.raises(JregfixError, match="allow-missing"):
         evaluate([("vibe", tmp_path / "v.pkl")], r / "gt.npz", {"t": r / "J_true.npy"},
-                 body=smpl_body)
+                 body=smpl_body, frame_ids="rows")
     doc = evaluate([("vibe", tmp_path / "v.pkl")], r / "gt.npz", {"t": r / "J_true.npy"},
-                   body=smpl_body, allow_missing=True)
+                   body=smpl_body, allow_missing=True, frame_ids="rows")
     assert doc["results"][0]["frames"] == len(ids)
     assert doc["protocol"]["methods"]["vibe"]["frames_missing"] == N - len(ids)
 
@@ -249,3 +250,153 @@ def test_duplicate_methods_and_frames_are_refused(world, smpl_body, tmp_path):
     with pytest.raises(JregfixError, match="more than once"):
         evaluate([("npz", tmp_path / "dup.npz")], r / "gt.npz", {"t": r / "J_true.npy"},
                  body=smpl_body)
+
+
+def test_suspicious_regressor_is_used_as_given_but_flagged(world, smpl_body, smpl_pkl, tmp_path,
+                                                           capsys, monkeypatch):
+    """A re-saved raw (negative, unnormalised) regressor is applied as stored and flagged in
+    the JSON and the table; the raw Hedlin file, known by its sha256, is made effective."""
+    import jregfix.stages.evaluate as E
+
+    r = world["root"]
+    raw = world["j_true"] * 1.3
+    outside = np.flatnonzero(~world["j_true"].any(0))[:40]
+    raw[:, outside] = -0.01  # negative weights outside the support, as the released file has
+    np.save(tmp_path / "raw.npy", raw)
+    regs = {"true": r / "J_true.npy", "raw": tmp_path / "raw.npy"}
+    doc = evaluate([("spin", r / "spin.npz")], r / "gt.npz", regs, body=smpl_body)
+    info = doc["protocol"]["regressors"]
+    assert info["true"]["warnings"] == [] and info["raw"]["transform"] == "as stored"
+    assert info["raw"]["warnings"][0] == f"{17 * 40} negative weight(s)"
+    assert "--effective" in info["raw"]["warnings"][-1]
+    got = {x["regressor"]: x["mpjpe_mm"] for x in doc["results"]}
+    assert got["raw"] == pytest.approx(independent_errors(world, raw, np.arange(N))[0], abs=1e-2)
+    assert main(["evaluate", "--method", "spin", "--predictions", str(r / "spin.npz"), "--gt",
+                 str(r / "gt.npz"), "--smpl", str(smpl_pkl), "--regressor",
+                 f"raw={tmp_path / 'raw.npy'}"]) == 0
+    out = capsys.readouterr().out
+    assert "raw (!)" in out and "negative weight(s)" in out
+
+    np.save(tmp_path / "hedlin.npy", raw)
+    monkeypatch.setattr(E, "HEDLIN_SHA256",
+                        hashlib.sha256((tmp_path / "hedlin.npy").read_bytes()).hexdigest())
+    doc = evaluate([("spin", r / "spin.npz")], r / "gt.npz", {"h": tmp_path / "hedlin.npy"},
+                   body=smpl_body)
+    info = doc["protocol"]["regressors"]["h"]
+    assert info["transform"].startswith("ReLU") and info["warnings"] == []
+    pos = np.maximum(raw, 0)
+    e, _ = independent_errors(world, pos / pos.sum(1, keepdims=True), np.arange(N))
+    assert doc["results"][0]["mpjpe_mm"] == pytest.approx(e, abs=1e-2)
+
+
+# ----------------------------------------------------------------------------- intervals, flags
+
+
+def independent_frame_errors(world, regressor, rows, joints=17):
+    """(len(rows),) MPJPE and PA-MPJPE per frame (mm), numpy only."""
+    pred = np.einsum("kv,nvc->nkc", regressor, world["pred_verts"][rows])
+    gt = world["gt17"][rows] - world["gt17"][rows, :1]
+    pred = pred - pred[:, :1]
+    if joints == 14:
+        pred, gt = pred[:, H36M_TO_J14], gt[:, H36M_TO_J14]
+    e = np.linalg.norm(pred - gt, axis=-1).mean(-1)
+    pa = np.array([reference_pa(p, g) for p, g in zip(pred, gt, strict=True)])
+    return 1000 * e, 1000 * pa
+
+
+def test_paired_differences_against_an_independent_bootstrap(world, smpl_body, tmp_path):
+    """Differences and intervals from per-frame errors computed here, sequences parsed here
+    from the image names, and the slow loop of tests/test_intervals.py on the same draws.
+    An identical regressor under another name differs by exactly 0 (the resampling is
+    paired)."""
+    import re
+
+    from tests.test_intervals import slow_reference
+
+    r = world["root"]
+    np.savez(tmp_path / "J_same.npz", J_regressor=world["j_true"])
+    regs = {"true": r / "J_true.npy", "other": r / "J_other.npy", "same": tmp_path / "J_same.npz"}
+    doc = evaluate([("spin", r / "spin.npz")], r / "gt.npz", regs, body=smpl_body, joints=17,
+                   bootstrap=300, seed=3)
+    labels = [re.fullmatch(r"images/(S\d+_.+\.\d+)_\d+\.jpg", n).group(1) for n in world["names"]]
+    assert len(set(labels)) == 8
+    frame = {name: independent_frame_errors(world, j, np.arange(N))
+             for name, j in (("true", world["j_true"]), ("other", world["j_other"]),
+                             ("same", world["j_true"]))}
+    got = {(d["baseline"], d["regressor"]): d for d in doc["differences"]}
+    assert set(got) == {("true", "other"), ("true", "same"), ("other", "same")}
+    for m, metric in enumerate(("mpjpe_mm", "pa_mpjpe_mm")):
+        values = np.stack([frame[n][m] for n in ("true", "other", "same")], 1)
+        lo, hi = slow_reference(values, labels, 300, 3, 0.95)
+        for (a, b), d in got.items():
+            i, j = ["true", "other", "same"].index(a), ["true", "other", "same"].index(b)
+            assert d["sequences"] == 8 and d["frames"] == N
+            assert d[metric]["difference"] == pytest.approx(values[:, j].mean()
+                                                            - values[:, i].mean(), abs=2e-2)
+            assert d[metric]["interval"] == pytest.approx([lo[i, j], hi[i, j]], abs=2e-2)
+    same = got[("true", "same")]["mpjpe_mm"]  # unpaired draws would spread by millimetres
+    assert same["difference"] == pytest.approx(0, abs=1e-9)
+    assert same["interval"] == pytest.approx([0, 0], abs=1e-9)
+    other = got[("true", "other")]["mpjpe_mm"]
+    assert 0 < other["interval"][0] <= other["difference"] <= other["interval"][1]
+    assert all(x["sequences"] == 8 for x in doc["results"])
+    b = doc["protocol"]["bootstrap"]
+    assert (b["resamples"], b["seed"], b["level"]) == (300, 3, 0.95)
+    for x in doc["results"]:  # per-joint PA errors average to the PA-MPJPE
+        assert np.mean(list(x["per_joint_pa_mm"].values())) == pytest.approx(x["pa_mpjpe_mm"])
+
+
+def test_training_data_flags(world, smpl_body, smpl_pkl, tmp_path, capsys, monkeypatch):
+    """Provenance beside the file (fit-regressor's report, a world-style record, a registry
+    download) or the raw Hedlin sha256 names the training subjects; a regressor fitted on a
+    scored subject is flagged in the JSON and the table."""
+    import jregfix.stages.evaluate as E
+
+    r = world["root"]
+    paths = {}
+    for name, provenance in (
+            ("fit", {"leakage_guard": {"subjects": {"S1": 40, "S9": 12},
+                                       "test_subjects_used": ["S9"]}}),
+            ("held_out", {"subjects": ["S1", "S5"], "stage": "world"}),
+            ("download", {"name": "hedlin", "source": "file:///x"}),
+            ("unknown", None)):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], world["j_true"])
+        if provenance is not None:
+            (tmp_path / f"{name}.npy.json").write_text(json.dumps(provenance))
+    doc = evaluate([("spin", r / "spin.npz")], r / "gt.npz", paths, body=smpl_body,
+                   bootstrap=50)
+    info = doc["protocol"]["regressors"]
+    assert info["fit"]["training"]["subjects"] == ["S1", "S9"]
+    assert info["fit"]["training"]["evaluated_subjects_in_training"] == ["S9"]
+    assert info["held_out"]["training"]["subjects"] == ["S1", "S5"]
+    assert info["download"]["training"]["subjects"] == ["S11", "S9"]
+    assert "validation" in info["download"]["training"]["note"]
+    assert info["unknown"]["training"]["subjects"] is None
+    flags = {n: i["fitted_on_test_subjects"] for n, i in info.items()}
+    assert flags == {"fit": True, "held_out": False, "download": True, "unknown": False}
+    assert {x["regressor"]: x["fitted_on_test_subjects"] for x in doc["results"]} == flags
+
+    np.save(tmp_path / "raw.npy", world["j_true"] * 1.1)
+    monkeypatch.setattr(E, "HEDLIN_SHA256",
+                        hashlib.sha256((tmp_path / "raw.npy").read_bytes()).hexdigest())
+    assert main(["evaluate", "--method", "spin", "--predictions", str(r / "spin.npz"), "--gt",
+                 str(r / "gt.npz"), "--smpl", str(smpl_pkl), "--regressor",
+                 f"ok={paths['held_out']}", "--regressor", f"raw={tmp_path / 'raw.npy'}",
+                 "--bootstrap", "50", "--per-joint"]) == 0
+    out = capsys.readouterr().out
+    assert "raw (†)" in out and "ok (†)" not in out
+    assert "fitted on test subjects (S11, S9; registry entry 'hedlin'" in out.replace("\n", " ")
+    assert "L Knee" in out  # --per-joint table
+
+
+def test_outputs_never_replace_inputs(world, smpl_body, tmp_path):
+    from jregfix.errors import JregfixError
+
+    r = world["root"]
+    before = (r / "gt.npz").read_bytes()
+    for kwargs in ({"json_out": r / "gt.npz"}, {"csv_out": r / "J_true.npy"}):
+        with pytest.raises(JregfixError, match="one of the inputs"):
+            evaluate([("spin", r / "spin.npz")], r / "gt.npz", {"t": r / "J_true.npy"},
+                     body=smpl_body, **kwargs)
+    assert (r / "gt.npz").read_bytes() == before

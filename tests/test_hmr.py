@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures"
 
 
 def expected_keys() -> dict[str, tuple]:
-    """Key -> shape from the checkpoint tables in conventions.md §1.5, in parameter order."""
+    """Key -> shape of SPIN's checkpoint (ResNet-50 + HMR head), in parameter order."""
     keys: dict[str, tuple] = {"conv1.weight": (64, 3, 7, 7)}
 
     def bn(name, c):
@@ -89,7 +89,7 @@ def test_key_set_matches_official_layout():
 
 
 def gram_schmidt_interleaved(v: np.ndarray) -> np.ndarray:
-    """Independent numpy SPIN 6D decode: a1 = v[0::2], a2 = v[1::2] (conventions.md §1.3)."""
+    """Independent numpy SPIN 6D decode: a1 = v[0::2], a2 = v[1::2] (SPIN utils/geometry.py)."""
     a1, a2 = v[0::2], v[1::2]
     b1 = a1 / np.linalg.norm(a1)
     b2 = a2 - b1 @ a2 * b1

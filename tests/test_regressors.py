@@ -44,7 +44,8 @@ def test_numpy_round_trip(tmp_path, rng, suffix):
     path = tmp_path / f"J{suffix}"
     R.save_regressor(path, j, provenance={"why": "test"})
     np.testing.assert_array_equal(R.load_regressor(path), j)
-    assert R.load_provenance(path) == {"why": "test"}
+    # the sidecar also records the regressor's hash, which load_provenance checks
+    assert R.load_provenance(path) == {"why": "test", "output_sha256": R.sha256_file(path)}
 
 
 def test_cuda_saved_pt_loads_on_cpu(tmp_path, rng):
@@ -166,3 +167,56 @@ def test_cli_convert_and_show(tmp_path, rng, capsys):
     assert "row sums 1.0000..1.0000" in capsys.readouterr().out.replace("\n", " ")
     assert main(["regressors", "list"]) == 0
     assert main(["regressors", "show", str(tmp_path / "missing.npy")]) == 1
+
+
+def test_unusable_regressors_are_refused_in_one_line(tmp_path, rng):
+    good = random_regressor(rng)
+    complex_j = good.astype(np.complex128)
+    complex_j[0, 0] += 1j
+    np.save(tmp_path / "complex.npy", complex_j)
+    torch.save(torch.from_numpy(complex_j), tmp_path / "complex.pt")
+    inf = good.copy()
+    inf[2, 7] = np.inf
+    np.save(tmp_path / "inf.npy", inf)
+    zero = good.copy()
+    zero[[3, 9]] = 0.0
+    np.save(tmp_path / "zero.npy", zero)
+    for name, match in (("complex.npy", "complex128"), ("complex.pt", "complex128"),
+                        ("inf.npy", "NaN or inf"), ("zero.npy", "row 3 is all zeros")):
+        with pytest.raises(JregfixError, match=match) as info:
+            R.load_regressor(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
+
+
+def test_warnings_flag_what_is_not_a_weighted_average(rng):
+    j = random_regressor(rng)
+    eff = j / j.sum(1, keepdims=True)
+    assert R.regressor_warnings(eff) == []
+    assert R.regressor_warnings(eff * (1 + 0.9e-3)) == []  # within the 1e-3 tolerance
+    scaled = eff.copy()
+    scaled[4] *= 1.002
+    assert R.regressor_warnings(scaled) == [
+        "1 row sum(s) off 1 by more than 0.001 (row sums 1.0000..1.0020)"]
+    raw = random_regressor(rng, negative=True)
+    warnings = R.regressor_warnings(raw)
+    assert warnings[0] == f"{int((raw < 0).sum())} negative weight(s)" and len(warnings) == 2
+    assert R.regressor_warnings(R.effective_regressor(raw)) == []
+
+
+def test_convert_never_overwrites_its_input(tmp_path, rng, capsys):
+    np.save(tmp_path / "raw.npy", random_regressor(rng, negative=True))
+    before = (tmp_path / "raw.npy").read_bytes()
+    (tmp_path / "link.npy").symlink_to(tmp_path / "raw.npy")
+    for dst in ("raw.npy", "./raw.npy", "link.npy"):
+        assert main(["regressors", "convert", str(tmp_path / "raw.npy"), str(tmp_path / dst),
+                     "--effective"]) == 1
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert (tmp_path / "raw.npy").read_bytes() == before
+    assert main(["regressors", "convert", str(tmp_path / "raw.npy"),
+                 str(tmp_path / "copy.npy")]) == 0
+    assert "`evaluate` will flag it" in " ".join(capsys.readouterr().err.split())
+    assert main(["regressors", "show", str(tmp_path / "copy.npy")]) == 0
+    assert "negative weight" in capsys.readouterr().out
+    assert main(["regressors", "convert", str(tmp_path / "copy.npy"), str(tmp_path / "eff.npy"),
+                 "--effective"]) == 0
+    assert R.regressor_warnings(np.load(tmp_path / "eff.npy")) == []

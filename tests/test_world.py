@@ -156,6 +156,7 @@ def test_standard_regressor_carries_the_planted_bias(body, world):
     assert errors["oracle"] < 10 and errors["standard"] > 1.5 * errors["oracle"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes(body, world, tmp_path):
     from jregfix.io.atomic import sha256_file
     from jregfix.stages.world import WorldConfig, generate_world, world_is_current

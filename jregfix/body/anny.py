@@ -69,8 +69,8 @@ H36M_JOINTS = (
     ("L Wrist", "wrist.L"), ("R Shoulder", "upperarm01.R"), ("R Elbow", "lowerarm01.R"),
     ("R Wrist", "wrist.R"),
 )
-"""H36M-17 in SPIN's regressor row order (conventions.md §3.4) -> the Anny bone whose head is the
-joint centre. Head top has no bone head: it is the crown vertex :data:`HEAD_TOP_VERTEX`."""
+"""H36M-17 in SPIN's regressor row order (SPIN's J_regressor_h36m.npy) -> the Anny bone whose head
+is the joint centre. Head top has no bone head: it is the crown vertex :data:`HEAD_TOP_VERTEX`."""
 HEAD_TOP_VERTEX = 881
 """The highest vertex of the skull (midline) in the reference pose, for all phenotypes tried."""
 

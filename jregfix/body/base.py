@@ -66,3 +66,21 @@ def fit_betas(betas: torch.Tensor, num_betas: int) -> torch.Tensor:
     if s < num_betas:
         return torch.nn.functional.pad(betas, (0, num_betas - s))
     raise ValueError(f"betas have {s} coefficients but the body model has {num_betas}")
+
+
+def joint_regression(model: BodyModel, regressor: torch.Tensor,
+                     blocks: list[int] | None = None):
+    """A callable rotmat (N, J, 3, 3), betas (N, S) -> joints (N, K, 3) float64 = regressor
+    (K, V) applied to the model's vertices.
+
+    A model offering ``regressed_joints(regressor, blocks)`` computes them without skinning the
+    whole mesh (SMPL: :mod:`jregfix.body.regressed_joints`); any other model is skinned in full.
+    ``blocks``: row counts of the regressors stacked in ``regressor``.
+    """
+    fast = getattr(model, "regressed_joints", None)
+    if fast is not None:
+        joints_of = fast(regressor, blocks)
+        return lambda rotmat, betas: joints_of(rotmat, betas).to(torch.float64)
+    reg = regressor.to(torch.float64)
+    return lambda rotmat, betas: torch.einsum("kv,nvc->nkc", reg.to(rotmat.device),
+                                              model.vertices(rotmat, betas).to(torch.float64))

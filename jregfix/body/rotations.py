@@ -2,7 +2,7 @@
 
 SPIN's 6D layout is *interleaved*: the 6-vector is the first two columns of R flattened row by
 row, ``[R00, R01, R10, R11, R20, R21]`` (``view(-1, 3, 2)``). MEVA's is *contiguous*
-``[col0; col1]``. See conventions.md §1.3 and §8.4.
+``[col0; col1]``. SPIN: utils/geometry.py ``rot6d_to_rotmat``; MEVA: utils/transform_utils.py.
 """
 
 from __future__ import annotations

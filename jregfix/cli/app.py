@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from jregfix.device import ensure_cublas_workspace
 from jregfix.distributed import Ranks, init_from_env, shutdown
-from jregfix.errors import JregfixError
+from jregfix.errors import JregfixError, one_line
+from jregfix.threads import configure_threads
 
 app = typer.Typer(
     name="jregfix",
@@ -36,6 +38,8 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
+    ensure_cublas_workspace()  # before any command can start CUDA (see jregfix.device)
+    configure_threads()  # each process its share of the CPUs (see jregfix.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
             ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
         raise JregfixError(f"`{ctx.invoked_subcommand}` runs in one process; under torchrun "
@@ -43,35 +47,56 @@ def _root(
 
 
 def join_job(device: str = "cpu") -> Ranks:
-    """Join the torchrun job described by the environment (if any); only rank 0 prints."""
+    """Join the torchrun job described by the environment (if any); only rank 0 prints.
+
+    ``device`` is the command's ``--device``: it picks the backend (NCCL for CUDA)."""
     ranks = init_from_env(device)
     console.quiet = not ranks.is_main
     return ranks
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one red line and exit code 1 for user errors (``--debug`` re-raises).
+    """Console entry point: one red line and exit code 1 for any failure (``--debug`` re-raises).
 
-    typer's standalone mode prints usage errors itself and exits through SystemExit; only our
-    own errors reach the handler below.
+    typer's standalone mode prints usage errors itself and exits through SystemExit. Our own
+    errors print their message; I/O errors, absurd sizes and bad data are worded by
+    :func:`jregfix.errors.one_line`; anything else says how to get the traceback.
     """
     try:
         with _leaving_the_job():
             app(args=argv, standalone_mode=True)
     except SystemExit as exc:
+        if _interrupted(exc):  # typer turns Ctrl-C into a silent exit 130
+            console.print(INTERRUPTED, highlight=False)
+            return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except JregfixError as exc:
+    except Exception as exc:  # noqa: BLE001 - the boundary: one line per failure, never a trace
         if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
             raise
         console.quiet = False  # every rank reports its own failure
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f"rank {os.environ.get('RANK', '?')} of {world}: " if world > 1 else ""
-        console.print(f"[bold red]error:[/] {where}{exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {where}", end="", highlight=False)
+        console.print(one_line(exc), markup=False, highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        console.print("interrupted")
+        console.print(INTERRUPTED, highlight=False)
         return 130
     return 0
+
+
+INTERRUPTED = "interrupted; re-run the same command to resume"
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is somewhere in ``exc``'s cause/context chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from jregfix.cli.app import app, console
+from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
+from jregfix.errors import JregfixError
 
 
 @app.command("demo")
@@ -20,6 +22,8 @@ def demo_command(
                              "table."),
     quick: bool = typer.Option(False, "--quick", help="Small world (2 train, 1 test subject) for "
                                "CI: under 2 minutes."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help="Device of every stage of the "
+                               "run (the world is generated on the CPU): " + DEVICE_HELP),
 ) -> None:
     """Synthetic Human3.6M-like world (Anny body model) -> the paper's Table I, with figures."""
     from jregfix.body.anny import AnnyBody
@@ -32,6 +36,9 @@ def demo_command(
         world_is_current,
     )
 
+    if frames is not None and frames < 1:  # 0 must not quietly mean "the default"
+        raise JregfixError(f"--frames must be a positive number of poses, got {frames}")
+    resolve_device(device)  # a bad --device fails now, not after the world is generated
     t0 = time.perf_counter()
     size = "quick" if quick else "default"
     say = lambda m: console.print(m, highlight=False)  # noqa: E731
@@ -42,7 +49,7 @@ def demo_command(
         say(f"world in {world_dir} is current, reused")
     else:
         generate_world(world_dir, world, body, say)
-    config = demo_run_config(world_dir, run_dir, world, size)
+    config = demo_run_config(world_dir, run_dir, world, size) | {"device": device}
     write_json(out / "run_config.json", config)
     result = run_with_progress(config, body=body)
     print_result(result)

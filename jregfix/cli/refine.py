@@ -1,4 +1,5 @@
-"""`jregfix refine`: pseudo ground truth by Adam with joint, silhouette and adversarial terms."""
+"""`jregfix refine`: pseudo ground truth by Adam with 3D joint, 2D keypoint, silhouette and
+adversarial terms."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jregfix.cli.app import app, console, join_job
+from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
-from jregfix.stages.refine import TERMS, RefineConfig, refine
+from jregfix.stages.refine import PRESETS, TERMS, RefineConfig, refine
 
 
 def parse_weights(spec: str | None) -> dict[str, float]:
@@ -36,7 +38,22 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
         raise JregfixError(f"--shard expects i/n (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise JregfixError(f"--shard {spec!r}: need 0 <= i < n")
     return i, n
+
+
+def build_config(preset: str | None, weights: str | None, image_size: int, **given) -> RefineConfig:
+    """RefineConfig from a preset (or the defaults), then every option given explicitly (not
+    None) on top; ``--weights`` entries replace the preset's weight of the same term only."""
+    fields: dict = {"image_size": image_size}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise JregfixError(f"--preset {preset!r} is unknown; presets: {sorted(PRESETS)}")
+        fields.update(PRESETS[preset](image_size))
+    fields.update({k: v for k, v in given.items() if v is not None})
+    fields["weights"] = {**fields.get("weights", {}), **parse_weights(weights)}
+    return RefineConfig(**fields)
 
 
 @app.command("refine")
@@ -49,18 +66,31 @@ def refine_command(
     joint_regressor: Path = typer.Option(..., "--joint-regressor", help="J_spin: a 17xV "
                                          "regressor fitted to SPIN's meshes (`fit-regressor`)."),
     out: Path = typer.Option(..., "--out", help="Refined params npz (+ .manifest.json)."),
+    preset: str = typer.Option(None, "--preset", help="hedlin-code: the authors' released "
+                               "settings (fixed weights, batch 256, 1000 camera warm-up steps, "
+                               "their blur); options given explicitly override it. Default: the "
+                               "paper's description (auto-weighted terms). See "
+                               "docs/deviations.md."),
     iters: int = typer.Option(100, "--iters", help="Adam iterations per batch (paper: 100)."),
     lr: float = typer.Option(1e-2, "--lr", help="Adam learning rate (paper: 1e-2)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Frames optimised together; the "
-                                   "discriminators update once per batch."),
-    weights: str = typer.Option(None, "--weights", help="e.g. joint=1,silhouette=0 (0 turns a "
-                                "term off; terms not named are auto-scaled to 1 at iteration 0)."),
-    silhouette_loss: str = typer.Option("soft", "--silhouette-loss", help="soft (SoftRas MSE) or "
-                                        "chamfer (cheap boundary distance)."),
-    sigma: float = typer.Option(0.1, "--sigma", help="Soft-silhouette blur in px² (the paper's "
-                                "PyTorch3D setting is 1.25 px² at 224²)."),
-    image_size: int = typer.Option(224, "--image-size", help="Crop side the masks are stored "
-                                   "at (SPIN: 224); the focal length scales with it."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Frames optimised together; the "
+                                   "discriminators update once per batch; default 16, "
+                                   "hedlin-code 256."),
+    camera_warmup: int = typer.Option(None, "--camera-warmup", min=0, help="Adam steps on the "
+                                      "camera alone (pose and shape fixed) before the joint "
+                                      "optimisation, on the 2D term (on the silhouette without "
+                                      "GT 'part'); default 0, hedlin-code 1000."),
+    weights: str = typer.Option(None, "--weights", help="e.g. joint=1,j2d=0 with terms "
+                                f"{', '.join(TERMS)} (0 turns a term off; terms not named are "
+                                "auto-scaled to 1 at the first iteration)."),
+    silhouette_loss: str = typer.Option(None, "--silhouette-loss", help="soft (SoftRas MSE) or "
+                                        "chamfer (cheap boundary distance); default soft."),
+    sigma: float = typer.Option(None, "--sigma", help="Soft-silhouette blur in px² (the "
+                                "authors' PyTorch3D setting is 1.25 px² at 224²); default 0.1, "
+                                "hedlin-code 1.25 x (image size / 224)²."),
+    image_size: int = typer.Option(224, "--image-size", help="Crop side to refine at (SPIN: "
+                                   "224); the focal length scales with it and masks stored at "
+                                   "another size are box-filtered to it."),
     seed: int = typer.Option(0, "--seed", help="Seeds the discriminators; same seed, same bytes."),
     batches_per_disc_step: int = typer.Option(None, "--batches-per-disc-step", min=1,
                                               help="Batches whose discriminator gradients are "
@@ -70,7 +100,7 @@ def refine_command(
     shard: str = typer.Option(None, "--shard", help="i/n: refine only the i-th of n blocks."),
     force: bool = typer.Option(False, "--force", help="Accept a regressor fitted on refined "
                                "meshes (normally refused to avoid drift)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help=DEVICE_HELP),
     save_figures: int = typer.Option(0, "--save-figures", help="Write a PNG with N frames: mask, "
                                      "initial and refined silhouettes (beside --out)."),
 ) -> None:
@@ -82,14 +112,17 @@ def refine_command(
     from jregfix.body.smpl import SMPLBody
 
     ranks = join_job(device)
-    device = ranks.device(device)
-    config = RefineConfig(iters=iters, lr=lr, batch_size=batch_size,
-                          weights=parse_weights(weights), silhouette_loss=silhouette_loss,
-                          sigma=sigma, image_size=image_size, seed=seed,
+    dev = ranks.device(device)
+    config = build_config(preset, weights, image_size, iters=iters, lr=lr,
+                          batch_size=batch_size, camera_warmup=camera_warmup,
+                          silhouette_loss=silhouette_loss, sigma=sigma, seed=seed,
                           batches_per_disc_step=batches_per_disc_step)
-    body = SMPLBody(smpl).to(device)
+    if preset is not None and ranks.is_main:
+        console.print(f"preset {preset}: weights {config.weights}, batch {config.batch_size}, "
+                      f"camera warm-up {config.camera_warmup}, sigma {config.sigma:.4g} px²")
+    body = SMPLBody(smpl).to(dev)
     run_refine(init, gt, silhouettes, body, joint_regressor, out, config, smpl,
-               parse_shard(shard), force, device, ranks)
+               parse_shard(shard), force, dev, ranks)
     if save_figures > 0 and ranks.is_main:
         from jregfix.stages.figures import silhouette_figure
 
@@ -120,11 +153,16 @@ def run_refine(init, gt, silhouettes, body, joint_regressor, out, config, body_f
 
         summary = refine(init, gt, silhouettes, body, joint_regressor, out, config,
                          body_file=body_file, shard=shard, force=force, device=device,
-                         progress=progress, ranks=ranks)
+                         progress=progress, ranks=ranks,
+                         say=console.print if ranks.is_main else None)
+    j2d = ""
+    if "j2d_err_after_px" in summary:
+        j2d = (f", 2D error {summary['j2d_err_before_px']:.2f} -> "
+               f"{summary['j2d_err_after_px']:.2f} px (224 crop)")
     console.print(
         f"refined {summary['frames']} frames in {summary['seconds']:.0f} s: silhouette IoU "
         f"{summary['iou_before']:.3f} -> {summary['iou_after']:.3f}, joint error (J_spin) "
-        f"{summary['joint_err_before_mm']:.1f} -> {summary['joint_err_after_mm']:.1f} mm; "
+        f"{summary['joint_err_before_mm']:.1f} -> {summary['joint_err_after_mm']:.1f} mm{j2d}; "
         f"{summary['empty_masks']} frame(s) without a mask; wrote {out}")
     return summary
 

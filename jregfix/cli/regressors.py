@@ -9,12 +9,15 @@ from rich.console import Console
 from rich.table import Table
 
 from jregfix.cli.app import app, console
+from jregfix.errors import JregfixError
 from jregfix.io.regressors import (
     KNOWN_REGRESSORS,
     download_regressor,
     effective_regressor,
     load_regressor,
+    provenance_path,
     regressor_stats,
+    regressor_warnings,
     save_regressor,
 )
 
@@ -63,12 +66,19 @@ def convert_command(
                                    "to sum to 1 (how Hedlin et al.'s raw file is used)."),
 ) -> None:
     """Convert between regressor formats, optionally to the effective (ReLU + normalised) form."""
+    if any(out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src))
+           for out in (dst, provenance_path(dst))):
+        raise JregfixError(f"{dst}: would overwrite the input {src}; choose another output path")
     j = load_regressor(src)
     if effective:
         j = effective_regressor(j)
     save_regressor(dst, j, provenance={"converted_from": str(src.resolve()),
                                        "transform": "effective" if effective else "none"})
     console.print(f"wrote {dst} {j.shape}")
+    warnings = regressor_warnings(j)
+    if warnings:
+        console.print(f"note: {'; '.join(warnings)}: `evaluate` will flag it; --effective "
+                      "applies ReLU and renormalises the rows")
 
 
 @regressors_app.command("show")
@@ -82,6 +92,8 @@ def show_command(path: Path = typer.Argument(..., help="Regressor file.")) -> No
     out.print(f"[bold]{path}[/]: shape {tuple(s['shape'])}, {s['nonzeros']} non-zeros "
               f"({100 * s['nonzeros'] / j.size:.3f}%), {s['negative_entries']} negative, "
               f"row sums {s['row_sum_min']:.4f}..{s['row_sum_max']:.4f}")
+    for warning in regressor_warnings(j):
+        out.print(f"[yellow]warning[/]: {warning}")
     table = Table()
     for col in ("row", "joint", "support", "row sum", "min", "max"):
         table.add_column(col, justify="right")

@@ -8,15 +8,19 @@ from pathlib import Path
 import typer
 
 from jregfix.cli.app import app, console
+from jregfix.device import DEVICE_HELP
 
 
-def run_with_progress(config, body=None) -> dict:
-    """:func:`jregfix.stages.run.run` with stage messages and a refine progress bar."""
+def run_with_progress(config, body=None, device: str | None = None) -> dict:
+    """:func:`jregfix.stages.run.run` with stage messages and a refine progress bar;
+    ``device`` (when given) replaces the config's."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jregfix.stages.run import load_config, run
 
     cfg = load_config(config)
+    if device is not None:
+        cfg["device"] = device
     total = None
     from jregfix.io.h36m import load_h36m
 
@@ -54,9 +58,11 @@ def print_result(result: dict) -> None:
 def run_command(
     config: Path = typer.Argument(..., help="Run config (.json or .toml): gt, init, "
                                   "silhouettes, fit_regressor, refine, evaluate sections."),
+    device: str = typer.Option(None, "--device", help="Every stage's device, instead of the "
+                               "config's `device` (default auto): " + DEVICE_HELP),
 ) -> None:
     """Run the pipeline (init -> masks -> J_spin -> refine -> J_opt -> evaluate -> figures)."""
-    print_result(run_with_progress(config))
+    print_result(run_with_progress(config, device=device))
 
 
 def print_table_i(doc: dict) -> None:
@@ -79,3 +85,6 @@ def print_table_i(doc: dict) -> None:
         table.add_row(m, *[f"{lookup[(m, r)]['mpjpe_mm']:.1f} / {lookup[(m, r)]['pa_mpjpe_mm']:.1f}"
                            for r in regs], str(lookup[(m, regs[0])]["frames"]))
     Console(width=max(100, 22 + 17 * len(regs))).print(table)
+    from jregfix.cli.evaluate import print_differences
+
+    print_differences(doc)

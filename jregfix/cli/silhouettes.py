@@ -8,6 +8,7 @@ import typer
 
 from jregfix.cli.app import app, console, join_job
 from jregfix.cli.spin import stage_progress
+from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP
 
 
 @app.command("silhouettes")
@@ -24,7 +25,9 @@ def silhouettes_command(
     min_iou: float = typer.Option(0.1, "--min-iou", min=0.0, max=1.0, help="Minimum IoU of the "
                                   "chosen box with the SPIN crop square."),
     batch_size: int = typer.Option(2, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(None, "--workers", min=1, help="Image decoding threads per "
+                                "process (default: this process's share of the CPUs)."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Drop frames whose image "
                                       "is missing or unreadable (counted in the report)."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Frames per resumable "
@@ -42,8 +45,9 @@ def silhouettes_command(
     config = SilhouetteConfig(backend=backend, weights=str(weights) if weights else None,
                               score_threshold=score_threshold, min_iou=min_iou,
                               batch_size=batch_size, device=device, skip_missing=skip_missing,
-                              chunk_size=chunk_size, force=force)
+                              chunk_size=chunk_size, workers=workers, force=force)
     ranks = join_job(device)
+    ranks.device(device)  # a bad --device fails here, before the progress bar shows
     with stage_progress(ranks.label("silhouettes")) as progress:
         result = run_silhouettes(h36m, images, out, config, progress, figure=save_figures,
                                  ranks=ranks)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from jregfix.cli.app import app, console, join_job
+from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP
 
 
 @contextlib.contextmanager
@@ -42,7 +43,9 @@ def spin_command(
                                      "(needed when the checkpoint lacks init_* buffers)."),
     out: Path = typer.Option(..., "--out", help="Output npz (pose, betas, camera, cam_t, ...)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(None, "--workers", min=1, help="Image decoding threads per "
+                                "process (default: this process's share of the CPUs)."),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Drop frames whose image "
                                       "is missing or unreadable (counted in the report)."),
     chunk_size: int = typer.Option(2048, "--chunk-size", min=1,
@@ -57,8 +60,9 @@ def spin_command(
     from jregfix.stages.spin import SpinConfig, run_spin
 
     ranks = join_job(device)
+    ranks.device(device)  # a bad --device fails here, before the progress bar shows
     config = SpinConfig(batch_size=batch_size, device=device, skip_missing=skip_missing,
-                        chunk_size=chunk_size, force=force)
+                        chunk_size=chunk_size, workers=workers, force=force)
     with stage_progress(ranks.label("spin")) as progress:
         result = run_spin(h36m, images, checkpoint, mean_params, out, config, progress, ranks)
     if result.up_to_date:

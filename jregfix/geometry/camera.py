@@ -5,8 +5,9 @@ image spanning [0, W] x [0, H], so pixel (row i, column j) has its centre at (j 
 SPIN meshes are already in this frame (their global orientation carries the 180 degree rotation
 about x), so they only need the translation ``cam_t``.
 
-SPIN (conventions.md 2.1-2.2): focal 5000 px on the 224 crop, principal point at the crop centre
-(112, 112), and the network camera (s, tx, ty) becomes ``cam_t = [tx, ty, 2 f / (224 s + 1e-9)]``.
+SPIN (constants.py, utils/geometry.py): focal 5000 px on the 224 crop, principal point at the
+crop centre (112, 112), and the network camera (s, tx, ty) becomes
+``cam_t = [tx, ty, 2 f / (224 s + 1e-9)]``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SPIN's crop: a box of side h = 200 * scale around ``center``, resized to res x res.
 
-Reference: nkolot/SPIN utils/imutils.py (conventions.md §2.3). SPIN maps crop pixel p (1-based)
+Reference: nkolot/SPIN utils/imutils.py. SPIN maps crop pixel p (1-based)
 to the image through ``get_transform`` (x' = res (x - cx) / h + res / 2) with a "subtract 1,
 transform, truncate toward zero, add 1" rule. ``crop`` takes the integer box
 ``[ul, br)`` with ``ul = trunc(T^-1(0))``, ``br = trunc(T^-1(res))`` (so ~ center -/+ h/2), fills
@@ -14,9 +14,9 @@ inverse), the same bytescale, Pillow's BILINEAR resize. Remaining deviations, me
 tests/test_crop.py:
 
 * JPEG decoding: SPIN uses cv2.imread, we use Pillow; both wrap libjpeg(-turbo). A one-off
-  check (opencv-python-headless 5.0.0 vs Pillow 13.0.0) decoded ../shared/fixtures/im1010.jpg
-  and a 1000x1002 4:2:0 JPEG bit-identically; other builds may differ. EXIF orientation is
-  applied, as cv2.imread does by default.
+  check (opencv-python-headless 5.0.0 vs Pillow 13.0.0) decoded SPIN's demo image
+  examples/im1010.jpg and a 1000x1002 4:2:0 JPEG bit-identically; other builds may differ. EXIF
+  orientation is applied, as cv2.imread does by default.
 * Pillow's resize rounds to 8 bits after each (horizontal, vertical) pass in fixed point; an
   exact float evaluation of the same filter differs by at most 1-2 intensity levels.
 * ``stretch=False`` skips the contrast stretch (not SPIN's behaviour; the checkpoint was trained
@@ -141,3 +141,27 @@ def square_box(center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     c = np.asarray(center, dtype=np.float64).reshape(-1, 2)
     half = 100.0 * np.asarray(scale, dtype=np.float64).reshape(-1, 1)
     return np.concatenate([c - half, c + half], 1)
+
+
+def box_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Area weights of a box-filter resize along one axis: (n_out, n_in), rows sum to 1.
+
+    Output pixel i covers the input interval [i s, (i + 1) s), s = n_in / n_out; its weight on
+    input pixel j is the overlap of that interval with [j, j + 1), divided by s. Works for any
+    ratio, shrinking (area average) or enlarging (each output pixel reads the input pixel(s)
+    it lies on).
+    """
+    step = n_in / n_out
+    lo = np.maximum(np.arange(n_out)[:, None] * step, np.arange(n_in)[None])
+    hi = np.minimum((np.arange(n_out)[:, None] + 1) * step, np.arange(1, n_in + 1)[None])
+    return np.clip(hi - lo, 0.0, None) / step
+
+
+def resample_crops(maps: np.ndarray, size: int) -> np.ndarray:
+    """Box-filter (area-average) resize of crops (N,H,W) (bool or float) -> (N,size,size)
+    float32: the fraction of each output pixel covered by the mask. The crop keeps its extent,
+    so crop coordinates scale by size / H (and size / W)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    wy = box_weights(maps.shape[1], size)
+    wx = box_weights(maps.shape[2], size)
+    return np.matmul(wy, np.matmul(maps, wx.T)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""MPJPE and PA-MPJPE exactly as SPIN evaluates them (conventions.md §4.5-4.6), batched numpy.
+"""MPJPE and PA-MPJPE exactly as SPIN evaluates them (SPIN eval.py, pose_utils.py), in numpy.
 
 PA-MPJPE aligns the *prediction onto the ground truth* with a similarity transform (rotation
 with the reflection fix, isotropic scale, translation); the reverse direction (MEVA's swapped

@@ -1,8 +1,10 @@
-"""SPIN-format Human3.6M npz files (conventions.md §4.2) and the standard protocols.
+"""SPIN-format Human3.6M npz files (SPIN datasets/preprocess/h36m.py) and the standard protocols.
 
 An npz holds ``imgname`` (N,) like ``images/S9_Directions_1.60457274_000001.jpg``, ``center``
 (N,2) original pixels, ``scale`` (N,) box side / 200, ``S`` (N,24,4) pelvis-relative metres +
 confidence in SPIN's J24 order, and optionally ``part`` (N,24,3) and ``openpose`` (N,25,3).
+``part`` (SPIN's training files) holds 2D keypoints in original-image pixels plus a visibility
+flag, in the same J24 order as ``S`` (1 on the 17 Human3.6M joints, 0 elsewhere).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import numpy as np
 
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import read_npz
+from jregfix.io.budget import check_numbers
 
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 TEST_SUBJECTS = ("S9", "S11")
 CAMERAS = ("54138969", "55011271", "58860488", "60457274")
 P2_CAMERA = "60457274"
 
-# SPIN's J24 GT order -> H36M-17 regressor row order (conventions.md §3.4-3.5, §4.2):
+# SPIN's J24 GT order -> H36M-17 regressor row order (SPIN constants.py, preprocess/h36m.py):
 # regressor row r is J24 joint H36M17_FROM_J24[r].
 H36M17_FROM_J24 = (14, 3, 4, 5, 2, 1, 0, 16, 12, 17, 18, 9, 10, 11, 8, 7, 6)
 H36M17_NAMES = (
@@ -95,6 +98,11 @@ class H36MData:
             raise JregfixError(f"{self.path}: no 3D ground truth ('S') in this file")
         return self.S[:, list(H36M17_FROM_J24), :3]
 
+    def keypoints17(self) -> np.ndarray | None:
+        """(N,17,3) 2D keypoints ``part`` in the regressor's row order: x, y in original-image
+        pixels, visibility; None when the file has no ``part``."""
+        return None if self.part is None else self.part[:, list(H36M17_FROM_J24)]
+
     def select(self, mask: np.ndarray) -> H36MData:
         idx = np.flatnonzero(mask)
         def pick(a):
@@ -122,20 +130,53 @@ def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
         if key in arrays and arrays[key].shape != shape:
             raise JregfixError(
                 f"{path}: key '{key}' has shape {arrays[key].shape}, expected {shape}")
-    for key in ("center", "scale", "S"):
-        if key in arrays and not np.isfinite(arrays[key]).all():
-            raise JregfixError(f"{path}: key '{key}' contains NaN or inf")
+    for key in ("center", "scale", "S", "part"):
+        if key in arrays:
+            check_numbers(arrays[key], f"{path}: key '{key}'")
+    _check_ranges(path, arrays, require_3d)
     imgname = arrays["imgname"].astype(str)
+    names, first, counts = np.unique(imgname, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        twice = np.flatnonzero(counts > 1)
+        raise JregfixError(f"{path}: {len(twice)} frame(s) appear more than once, e.g. "
+                           f"{str(names[twice[0]])!r} (row {first[twice[0]]}); each frame must be "
+                           "listed once or it would count twice in every mean")
     return H36MData(
         imgname=imgname,
         center=arrays["center"].astype(np.float64),
         scale=arrays["scale"].astype(np.float64),
         S=arrays["S"].astype(np.float64) if "S" in arrays else None,
-        part=arrays.get("part"),
+        part=arrays["part"].astype(np.float64) if "part" in arrays else None,
         openpose=arrays.get("openpose"),
         path=str(path),
         keys=[parse_imgname(x) for x in imgname],
     )
+
+
+# plausibility limits: a value beyond them is a unit or format mistake, not a pose
+MAX_JOINT_M = 100.0  # joints are metres around the pelvis
+MAX_PIXELS = 1e5  # image coordinates and box sides, in pixels
+
+
+def _check_ranges(path: Path, arrays: dict[str, np.ndarray], require_3d: bool) -> None:
+    """Units and sign: scale > 0, pixels and metres within sane bounds, not all-zero joints."""
+    def refuse(key: str, bad: np.ndarray, why: str) -> None:
+        rows = np.flatnonzero(bad.reshape(len(bad), -1).any(1))
+        if len(rows):
+            raise JregfixError(f"{path}: key '{key}' {why} in {len(rows)} row(s), first at row "
+                               f"{rows[0]}; is it the right file and unit?")
+
+    scale = arrays["scale"].astype(np.float64)
+    refuse("scale", ~(scale > 0), "is not positive (the box side / 200)")
+    refuse("scale", scale * 200 > MAX_PIXELS, f"gives a box over {MAX_PIXELS:g} px")
+    refuse("center", np.abs(arrays["center"].astype(np.float64)) > MAX_PIXELS,
+           f"is beyond {MAX_PIXELS:g} px")
+    if "S" in arrays:
+        xyz = arrays["S"][..., :3].astype(np.float64)
+        refuse("S", np.abs(xyz) > MAX_JOINT_M, f"has joints beyond {MAX_JOINT_M:g} m (metres "
+               "expected; millimetres?)")
+        if require_3d and not xyz[:, list(H36M17_FROM_J24)].any():
+            raise JregfixError(f"{path}: key 'S' is all zeros: no 3D ground truth in this file")
 
 
 def protocol_mask(data: H36MData, protocol: str) -> np.ndarray:

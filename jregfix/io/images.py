@@ -1,7 +1,12 @@
-"""Reading dataset images: path resolution, missing-file checks, RGB uint8 decoding."""
+"""Reading dataset images: path resolution, missing-file checks, RGB uint8 decoding.
+
+Human3.6M frames are 1000x1000 (or 1000x1002); an image declaring far more pixels is a
+decompression bomb or not a dataset frame, and is refused from its header, before decoding.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jregfix.errors import JregfixError
+
+MAX_IMAGE_PIXELS = 64_000_000  # 8000x8000: 64 times a Human3.6M frame
 
 
 def resolve_image(root: str | Path, imgname: str) -> Path:
@@ -45,10 +52,19 @@ def read_image(path: str | Path) -> np.ndarray:
     """Decode an image as RGB uint8 (H,W,3), EXIF orientation applied (as cv2.imread does)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # Pillow warns, then raises, on huge images; our own budget below decides instead
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise JregfixError(f"{path}: image of {width}x{height} pixels is over the "
+                                       f"{MAX_IMAGE_PIXELS:,}-pixel budget; not a dataset frame")
+                im = ImageOps.exif_transpose(im)
+                return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise JregfixError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise JregfixError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise JregfixError(f"{path}: unreadable image ({exc})") from None

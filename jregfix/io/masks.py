@@ -17,6 +17,7 @@ import numpy as np
 
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import save_npz
+from jregfix.io.budget import check_npz
 
 MASK_RES = 224
 _KEYS = ("masks_packed", "mask_shape", "score", "found", "imgname")
@@ -80,6 +81,7 @@ def load_silhouettes(path: str | Path) -> Silhouettes:
     path = Path(path)
     if not path.is_file():
         raise JregfixError(f"{path}: no such file")
+    check_npz(path, "silhouettes npz")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in _KEYS if k not in z.files]

@@ -16,6 +16,10 @@ from jregfix.errors import JregfixError
 from jregfix.io.atomic import read_npz
 
 POSE_KEYS = ("pred_rotmat", "rotmat", "pose", "pose_6d")
+# plausibility limits: beyond them a file holds another unit or garbage, not a body
+MAX_POSE = 100.0  # |axis-angle| in radians (rotation matrix and 6D entries are within 1)
+MAX_BETA = 100.0  # shape coefficients are a few standard deviations
+MAX_METRES = 100.0
 
 
 @dataclass
@@ -57,7 +61,7 @@ def params_from_arrays(arrays: dict, path: str = "", num_joints: int = 24,
     pose = None
     n = None
     if pose_key is not None:
-        pose = np.asarray(arrays[pose_key], dtype=np.float64)
+        pose = _numeric(arrays[pose_key], path, pose_key)
         n = len(pose)
         tail = pose.shape[1:]
         j = num_joints
@@ -65,37 +69,70 @@ def params_from_arrays(arrays: dict, path: str = "", num_joints: int = 24,
             raise JregfixError(f"{path}: key '{pose_key}' has shape {pose.shape}; expected "
                                f"(N,{3 * j}) axis-angle, (N,{j},6) 6D or (N,{j},3,3) rotations")
         _check_finite(pose, path, pose_key)
+        _check_below(np.abs(pose), MAX_POSE, path, pose_key, "has values beyond 100 (radians, "
+                     "or matrix entries): not a pose")
     betas = arrays.get("betas", arrays.get("shape"))
     if betas is not None:
-        betas = np.asarray(betas, dtype=np.float64)
+        betas = _numeric(betas, path, "betas")
         _check_rows(betas, n, path, "betas", ndim=2)
         _check_finite(betas, path, "betas")
+        _check_below(np.abs(betas), MAX_BETA, path, "betas", "has values beyond 100 (shape "
+                     "coefficients are a few units)")
         n = len(betas) if n is None else n
     elif pose is not None:
         raise JregfixError(f"{path}: key 'betas' is missing")
     verts = arrays.get("vertices", arrays.get("verts"))
     if verts is not None:
-        verts = np.asarray(verts, dtype=np.float32)
+        verts = _numeric(verts, path, "vertices").astype(np.float32)
         if verts.ndim != 3 or verts.shape[-1] != 3:
             raise JregfixError(f"{path}: vertices have shape {verts.shape}, expected (N,V,3)")
         _check_rows(verts, n, path, "vertices", ndim=3)
         _check_finite(verts, path, "vertices")
+        _check_below(np.abs(verts), MAX_METRES, path, "vertices", "has points beyond 100 m "
+                     "(metres expected)")
     out = {}
     for key, width in (("camera", 3), ("cam_t", 3)):
         a = arrays.get(key)
         if a is not None:
-            a = np.asarray(a, dtype=np.float64)
-            if a.shape != (len(a), width):
+            a = _numeric(a, path, key)
+            if a.ndim != 2 or a.shape != (len(a), width):
                 raise JregfixError(f"{path}: key '{key}' has shape {a.shape}, expected (N,{width})")
             _check_rows(a, n if n is not None else len(a), path, key, ndim=2)
+            _check_finite(a, path, key)
+            # depth (cam_t z) and weak-perspective scale s (depth = 2 f / (224 s)) must be > 0:
+            # a body at or behind the camera cannot be projected
+            _check_below(-a[:, 2 if key == "cam_t" else 0], 0, path, key, "puts the body at "
+                         "or behind the camera (depth or scale <= 0)", strict=False)
             out[key] = a
     imgname = arrays.get("imgname")
+    rows = n if n is not None else (len(verts) if verts is not None else None)
+    if imgname is not None and rows is not None and np.shape(imgname) != (rows,):
+        raise JregfixError(f"{path}: 'imgname' has shape {np.shape(imgname)} but there are "
+                           f"{rows} rows of parameters; they must be one name per row")
     return BodyParams(pose, betas, out.get("camera"), out.get("cam_t"), verts,
                       None if imgname is None else np.asarray(imgname).astype(str), path)
 
 
 def load_params(path: str | Path, num_joints: int = 24, require_pose: bool = True) -> BodyParams:
     return params_from_arrays(read_npz(path), str(path), num_joints, require_pose)
+
+
+def _numeric(a, path: str, key: str) -> np.ndarray:
+    """float64 copy of a real-valued array; strings, complex and objects are refused."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iuf":
+        raise JregfixError(f"{path}: key '{key}' has dtype {a.dtype}; expected real numbers")
+    return a.astype(np.float64)
+
+
+def _check_below(a: np.ndarray, limit: float, path: str, key: str, why: str,
+                 strict: bool = True) -> None:
+    """Refuse rows with a value above ``limit`` (``strict``) or at/above it."""
+    bad = (a > limit) if strict else (a >= limit)
+    rows = np.flatnonzero(bad.reshape(len(a), -1).any(1))
+    if len(rows):
+        raise JregfixError(f"{path}: key '{key}' {why} in {len(rows)} row(s), first at row "
+                           f"{rows[0]}")
 
 
 def _check_rows(a: np.ndarray, n: int | None, path: str, key: str, ndim: int) -> None:

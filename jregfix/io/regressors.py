@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from jregfix.errors import JregfixError
-from jregfix.io.atomic import save_npy, save_npz, sha256_file, write_json
-from jregfix.io.manifest import read_manifest
+from jregfix.io.atomic import npy_bytes, npz_bytes, sha256_file, write_bytes, write_pair
+from jregfix.io.budget import check_npz
+from jregfix.io.guard import refuse_overwriting_inputs
+from jregfix.io.manifest import read_sidecar
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class KnownRegressor:
     url: str | None
     sha256: str | None
     licence: str
+    training_subjects: tuple[str, ...] | None = None  # Human3.6M subjects it was fitted on
+    training_note: str = ""
 
 
 HEDLIN_URL = (
@@ -43,6 +47,13 @@ KNOWN_REGRESSORS = {
         (17, 6890), HEDLIN_URL, HEDLIN_SHA256,
         "published in ubc-vision/joint-regressor-refinement (no licence file at that commit; "
         "use for research, cite the paper)",
+        # scripts/optimize.py at that commit builds its loader from data_set("validation")
+        # (the "train" line is commented out), and scripts/data.py maps "validation" to the
+        # precomputed S9/S11 data: the released code fits on the test subjects.
+        training_subjects=("S9", "S11"),
+        training_note="subjects the authors' released code fits on (its optimisation loads "
+        "the validation split, S9 and S11); if the released file came from that code, it was "
+        "fitted on the Human3.6M test subjects",
     ),
     "h36m": KnownRegressor(
         "h36m",
@@ -63,6 +74,7 @@ def load_regressor(path: str | Path) -> np.ndarray:
         if suffix == ".npy":
             array = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
+            check_npz(path, "regressor npz")
             with np.load(path, allow_pickle=False) as z:
                 key = "J_regressor" if "J_regressor" in z.files else None
                 if key is None and len(z.files) != 1:
@@ -74,11 +86,26 @@ def load_regressor(path: str | Path) -> np.ndarray:
             raise JregfixError(f"{path}: unknown regressor format '{suffix}' (use .npy/.npz/.pt)")
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise JregfixError(f"{path}: could not read regressor ({exc})") from None
-    array = np.asarray(array, dtype=np.float64)
+    return checked_regressor(array, str(path))
+
+
+def checked_regressor(array, name: str) -> np.ndarray:
+    """(K, V) float64 copy of a regressor; refuses what cannot be a regressor (complex,
+    non-numeric, NaN/inf, all-zero rows)."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":  # complex, object, strings
+        raise JregfixError(f"{name}: regressor has dtype {array.dtype}; expected real numbers "
+                           "(re-save it as a float array)")
+    array = array.astype(np.float64)
     if array.ndim != 2:
-        raise JregfixError(f"{path}: regressor has shape {array.shape}, expected (K, V)")
+        raise JregfixError(f"{name}: regressor has shape {array.shape}, expected (K, V)")
     if not np.isfinite(array).all():
-        raise JregfixError(f"{path}: regressor contains NaN or inf")
+        raise JregfixError(f"{name}: regressor contains NaN or inf; re-create it (a fit that "
+                           "diverged?)")
+    zero = np.flatnonzero(~array.any(axis=1))
+    if len(zero):
+        raise JregfixError(f"{name}: regressor row {zero[0]} is all zeros ({len(zero)} such "
+                           "row(s)); that joint would sit at the origin: use another file")
     return array
 
 
@@ -100,7 +127,9 @@ def _load_torch_tensor(path: Path) -> np.ndarray:
         obj = tensors[0]
     if not isinstance(obj, torch.Tensor):
         raise JregfixError(f"{path}: holds a {type(obj).__name__}, expected a tensor")
-    return obj.detach().to(torch.float64).numpy()
+    obj = obj.detach().resolve_conj()
+    # complex stays complex so that checked_regressor refuses it (a cast would drop the imaginary)
+    return obj.numpy() if obj.is_complex() else obj.to(torch.float64).numpy()
 
 
 def validate_regressor(j: np.ndarray, num_vertices: int, name: str = "regressor",
@@ -120,6 +149,25 @@ def effective_regressor(j: np.ndarray) -> np.ndarray:
     if (sums <= 0).any():
         raise JregfixError("a regressor row has no positive entry; cannot renormalise")
     return pos / sums
+
+
+ROW_SUM_TOL = 1e-3
+
+
+def regressor_warnings(j: np.ndarray) -> list[str]:
+    """Why ``j`` is not a weighted average of vertices per joint (negative weights, row sums
+    off 1 by more than ``ROW_SUM_TOL``); empty when it is. A joint from such a row moves when
+    the mesh is translated or scaled, so results depend on where the body sits."""
+    out = []
+    negative = int((j < 0).sum())
+    if negative:
+        out.append(f"{negative} negative weight(s)")
+    sums = j.sum(1)
+    off = np.abs(sums - 1.0) > ROW_SUM_TOL
+    if off.any():
+        out.append(f"{int(off.sum())} row sum(s) off 1 by more than {ROW_SUM_TOL:g} "
+                   f"(row sums {sums.min():.4f}..{sums.max():.4f})")
+    return out
 
 
 def regressor_stats(j: np.ndarray, tol: float = 0.0) -> dict:
@@ -142,13 +190,15 @@ def save_regressor(path: str | Path, j: np.ndarray, provenance: dict | None = No
     """Write (K, V) as .npy (or .npz) atomically, with provenance in ``<path>.json``."""
     path = Path(path)
     if path.suffix == ".npz":
-        save_npz(path, J_regressor=j)
+        data = npz_bytes(J_regressor=j)
     elif path.suffix == ".npy":
-        save_npy(path, j)
+        data = npy_bytes(j)
     else:
         raise JregfixError(f"{path}: write regressors as .npy or .npz")
-    if provenance is not None:
-        write_json(provenance_path(path), provenance)
+    if provenance is None:
+        write_bytes(path, data)
+    else:  # one unit: the sidecar records the regressor's sha256 (see write_pair)
+        write_pair(path, data, provenance_path(path), provenance)
 
 
 def provenance_path(path: str | Path) -> Path:
@@ -157,7 +207,8 @@ def provenance_path(path: str | Path) -> Path:
 
 
 def load_provenance(path: str | Path) -> dict | None:
-    return read_manifest(provenance_path(path))
+    """``<path>.json``, checked against the regressor's bytes when it records their hash."""
+    return read_sidecar(path, provenance_path(path))
 
 
 def cached_raw_path(name: str) -> Path:
@@ -181,24 +232,36 @@ def download_regressor(name: str, out: str | Path | None = None, url: str | None
     if source is None:
         raise JregfixError(f"regressor '{name}' has no public download; {known.description}")
     raw = cached_raw_path(name)
+    out = Path(out) if out is not None else cache_dir() / "regressors" / f"{name}_effective.npy"
+    refuse_overwriting_inputs({"--url": _local_path(source), "the cached download": raw},
+                              {"--out": out})
     if not raw.is_file() or sha256_file(raw) != known.sha256:
         try:
             download(source, raw, known.sha256, progress=progress)
         except JregfixError as exc:
             raise JregfixError(
-                f"{exc}\nOffline? Fetch {known.url} by hand (sha256 {known.sha256}) and run "
+                f"{exc}; offline? Fetch {known.url} by hand (sha256 {known.sha256}) and run "
                 f"`jregfix regressors download {name} --url file:///path/to/{raw.name}` "
                 "(or give the plain path)."
             ) from None
     j = validate_regressor(load_regressor(raw), known.shape[1], name, known.shape[0])
     eff = effective_regressor(j)
-    out = Path(out) if out is not None else cache_dir() / "regressors" / f"{name}_effective.npy"
     save_regressor(out, eff, provenance={
         "name": name, "source": source, "sha256_raw": known.sha256,
         "transform": "ReLU(J), each row divided by its sum (what the authors' code applies)",
         "description": known.description, "licence": known.licence,
     })
     return out
+
+
+def _local_path(source: str) -> Path | None:
+    """The file a plain path or file:// URL names (None for a remote URL)."""
+    if source.startswith("file://"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(source).path))
+    return None if "://" in source else Path(source)
 
 
 def _known(name: str) -> KnownRegressor:

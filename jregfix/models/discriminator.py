@@ -1,4 +1,4 @@
-"""Pose and shape discriminators for the online adversarial term (conventions.md §6.4).
+"""Pose and shape discriminators for the online adversarial term (Hedlin et al.'s code).
 
 The pose discriminator is HMR's factorised design on 6D rotations: a per-joint embedding shared
 by all joints (two 1x1 convolutions, 6 -> 32 -> 32), one linear head per joint, and a global

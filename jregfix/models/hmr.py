@@ -1,4 +1,4 @@
-"""SPIN's HMR regressor (conventions.md §1.1-1.2, §1.6) with strict checkpoint loading.
+"""SPIN's HMR regressor (SPIN models/hmr.py, constants.py) with strict checkpoint loading.
 
 The backbone is torchvision's ResNet-50 (stride on the 3x3 conv of each bottleneck, as in SPIN's
 local copy) with its modules attached directly to :class:`HMR`, so parameter names equal the
@@ -18,6 +18,7 @@ from torch import nn
 from jregfix.body.rotations import rot6d_to_rotmat
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import read_npz
+from jregfix.io.budget import check_numbers
 
 IMG_RES = 224
 IMG_NORM_MEAN = (0.485, 0.456, 0.406)
@@ -89,7 +90,7 @@ class HMR(nn.Module):
 
 
 def normalize_images(crops: torch.Tensor) -> torch.Tensor:
-    """uint8 crops (B, H, W, 3) RGB -> float (B, 3, H, W): /255 then ImageNet mean/std (§1.6)."""
+    """uint8 crops (B, H, W, 3) RGB -> float (B, 3, H, W): /255 then ImageNet mean/std (SPIN)."""
     x = crops.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMG_NORM_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMG_NORM_STD, device=x.device).view(1, 3, 1, 1)
@@ -107,6 +108,7 @@ def load_mean_params(path: str | Path) -> dict[str, torch.Tensor]:
             raise JregfixError(f"{path}: missing key '{key}'; found {sorted(arrays)}")
         if arrays[key].size != size:
             raise JregfixError(f"{path}: '{key}' has shape {arrays[key].shape}, expected ({size},)")
+        check_numbers(arrays[key], f"{path}: '{key}'")
         out[buf] = torch.from_numpy(arrays[key].astype(np.float32).reshape(1, size))
     return out
 
@@ -131,7 +133,7 @@ def load_hmr_state(model: HMR, state: dict[str, torch.Tensor],
     """Load ``state`` strictly into ``model``; raise :class:`JregfixError` on any mismatch.
 
     Tolerated absences, reported in ``filled``: the mean buffers ``init_*`` (taken from
-    ``mean_params``; whether the official file holds them is unconfirmed, §1.5) and BN
+    ``mean_params``; whether the official file holds them is unconfirmed) and BN
     ``num_batches_tracked`` counters (never read in eval mode; absent in torch < 0.4.1 files).
     """
     expected = model.state_dict()

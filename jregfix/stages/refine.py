@@ -2,11 +2,18 @@
 
 Per frame, starting from SPIN's estimate, minimise
 
-    w_j L_joint + w_s L_silhouette + w_a (L_adv,pose + L_adv,shape)
+    w_j L_joint + w_2d L_2d + w_s L_silhouette + w_a (L_adv,pose + L_adv,shape)
 
 * L_joint: mean squared distance (m²) between the root-relative joints J_spin·mesh and the
   root-relative GT joints (17 H36M joints, row 0 = pelvis). J_spin is a regressor fitted to
   SPIN's own meshes; a regressor fitted on refined meshes is refused (drift guard).
+* L_2d: mean over the visible joints of the squared distance (px² of a 224 crop, whatever
+  ``image_size``) between the J_spin joints projected by the crop camera and the GT 2D keypoints.
+  Those are SPIN's ``part`` (original-image pixels + visibility, J24 order, reordered to the 17
+  regressor rows), mapped into the crop by the frame's center/scale with the exact continuous
+  map of the crop's resize (:func:`jregfix.geometry.crop.image_to_crop`; SPIN's own keypoint
+  transform truncates to whole pixels). Invisible joints are ignored; a GT file without ``part``
+  refines without this term (and says so).
 * L_silhouette: mean squared difference between the soft silhouette (our SoftRas renderer, SPIN's
   crop camera: f = 5000 px, centre 112, 224²) and the person mask; ``chamfer`` swaps in the
   cheap boundary loss. Frames whose mask is empty (no person found) get no silhouette term.
@@ -24,10 +31,20 @@ Per frame, starting from SPIN's estimate, minimise
 The camera is optimised as SPIN's weak-perspective (s, tx, ty) and turned into the translation
 (tx, ty, 2f/(224 s)) for rendering: with tz ≈ 50 m an Adam step of 1e-2 on tz moves the body by
 0.02 %, on s by about 1 %, so depth errors of a few metres are correctable in 100 iterations.
+``camera_warmup`` N > 0 first runs N Adam steps (same lr) on the camera alone, pose and shape
+fixed, on L_2d (or on L_silhouette for a GT file without keypoints), as the authors' released
+code does (1,000 steps); it is part of each batch's computation, so chunks and resumption are
+unaffected.
 
-Weights: a term with no explicit weight is scaled to 1 at the first iteration of each batch
-(w = 1 / max(L(θ₀), floor)), the paper's rule; an explicit weight overrides, 0 disables.
+Weights: the paper weights the terms to be of about equal magnitude at the first iteration. A
+term with no explicit weight is therefore scaled to 1 at the first iteration of the joint
+optimisation of each batch (w = 1 / max(L(θ₀), floor)); an explicit weight overrides, 0
+disables. The released code uses fixed weights instead: :data:`PRESETS` ``hedlin-code`` maps
+them onto these terms (docs/deviations.md lists every difference from the paper and the code).
 Adam (lr 1e-2, betas 0.9/0.999), 100 iterations, per batch of frames.
+
+Masks stored at another resolution than ``image_size`` (e.g. 224 for a 96 px run) are resampled
+per batch by a box filter (area average), which gives soft targets at the mask's outline.
 
 Batches of ``batch_size`` frames run in order and each is saved as a chunk when done. The
 discriminators take one Adam step per *group* of ``batches_per_disc_step`` batches (default:
@@ -59,11 +76,15 @@ from jregfix.body.rotations import (
     rotmat_to_axis_angle,
     rotmat_to_rot6d,
 )
+from jregfix.device import device_stage, numerics_record
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
-from jregfix.geometry.camera import FOCAL_LENGTH, PinholeCamera, weak_to_cam_t
-from jregfix.io.atomic import read_npz, save_npz
+from jregfix.geometry.camera import FOCAL_LENGTH, PinholeCamera, project, weak_to_cam_t
+from jregfix.geometry.crop import image_to_crop, resample_crops
+from jregfix.io.atomic import npz_bytes, read_npz
+from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.h36m import load_h36m
+from jregfix.io.lock import locks_output
 from jregfix.io.manifest import (
     ChunkStore,
     chunk_ranges,
@@ -71,9 +92,10 @@ from jregfix.io.manifest import (
     fingerprint,
     manifest_path,
     read_manifest,
+    read_sidecar,
     stage_record,
     versions,
-    write_manifest,
+    write_output,
 )
 from jregfix.io.masks import load_silhouettes
 from jregfix.io.params import load_params
@@ -88,14 +110,17 @@ from jregfix.render.chamfer import chamfer_silhouette_loss
 from jregfix.render.silhouette import hard_silhouette, soft_silhouette
 from jregfix.stages.frames import merged_chunks
 
-TERMS = ("joint", "silhouette", "adversarial")
+TERMS = ("joint", "j2d", "silhouette", "adversarial")
+LIVE_SECONDS = 0.5  # least time between two live loss reports (each one syncs a GPU)
 # Floors of the automatic weights: below these a term is "already solved" and is not blown up.
-WEIGHT_FLOORS = {"joint": 1e-6, "silhouette": 1e-4, "adversarial": 1e-4}
+WEIGHT_FLOORS = {"joint": 1e-6, "j2d": 1e-2, "silhouette": 1e-4, "adversarial": 1e-4}
+KEYPOINT_RES = 224  # L_2d is measured in pixels of a 224 crop at any image_size
 
 
 @dataclass
 class RefineConfig:
     iters: int = 100
+    camera_warmup: int = 0  # Adam steps on the camera alone before the joint optimisation
     lr: float = 1e-2
     batch_size: int = 16
     weights: dict[str, float] = field(default_factory=dict)  # missing terms: automatic
@@ -117,14 +142,39 @@ class RefineConfig:
             raise JregfixError(f"unknown loss term(s) {sorted(unknown)}; terms are {TERMS}")
         if any(w < 0 or not math.isfinite(w) for w in self.weights.values()):
             raise JregfixError(f"loss weights must be finite and >= 0, got {self.weights}")
-        if self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise JregfixError("iters >= 0, batch size >= 1 and lr > 0 are required")
+        if self.iters < 0 or self.batch_size < 1 or self.camera_warmup < 0:
+            raise JregfixError("iters >= 0, camera warm-up >= 0 and batch size >= 1 are required "
+                               f"(--iters {self.iters}, --camera-warmup {self.camera_warmup}, "
+                               f"--batch-size {self.batch_size})")
+        if not 0 < self.lr < math.inf:
+            raise JregfixError(f"--lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.sigma < math.inf or (self.sigma == 0 and self.silhouette_loss == "soft"):
+            raise JregfixError(f"--sigma must be a positive finite number, got {self.sigma}")
         if not any(self.weights.get(t, 1.0) > 0 for t in TERMS):
             raise JregfixError("every loss term has weight 0: nothing to optimise")
         if self.batches_per_disc_step is not None and self.batches_per_disc_step < 1:
             raise JregfixError("batches per discriminator step must be >= 1")
         if self.silhouette_loss not in ("soft", "chamfer"):
             raise JregfixError("silhouette loss must be 'soft' or 'chamfer'")
+
+
+def hedlin_code_preset(image_size: int = 224) -> dict:
+    """The settings of the authors' released optimisation, as :class:`RefineConfig` fields.
+
+    Their loss is j2d/100 + silhouette·100 + j3d·1e4 + (pose + shape generator)·10, each an
+    element-wise mean (torch MSELoss). Ours sum over coordinates, so their 2D term (mean over
+    17 x 2 values) is L_2d / 2 and their 3D term (17 x 3 values) is L_joint / 3; the silhouette
+    (mean over pixels) and adversarial terms (mean over the 25 pose outputs, plus the shape
+    output) are normalised alike. Batch 256, 1,000 camera warm-up steps; their silhouette blur
+    (PyTorch3D sigma 1e-4 in NDC²) in px² at ``image_size``. docs/deviations.md has the rest.
+    """
+    return {"weights": {"j2d": 1 / 100 / 2, "silhouette": 100.0, "joint": 1e4 / 3,
+                        "adversarial": 10.0},
+            "batch_size": 256, "camera_warmup": 1000, "silhouette_loss": "soft",
+            "sigma": 1e-4 * (image_size / 2) ** 2}
+
+
+PRESETS = {"hedlin-code": hedlin_code_preset}
 
 
 class Discriminators(torch.nn.Module):
@@ -171,6 +221,8 @@ class Batch:
     gt_joints: torch.Tensor  # (B,17,3) root-relative
     masks: torch.Tensor  # (B,H,W) float
     has_mask: torch.Tensor  # (B,) bool
+    keypoints: torch.Tensor | None = None  # (B,17,2) GT 2D joints, px of a 224 crop
+    visible: torch.Tensor | None = None  # (B,17) float, 1 = visible
 
 
 def cam_t_to_weak(cam_t: torch.Tensor) -> torch.Tensor:
@@ -184,9 +236,32 @@ def orthonormal_6d(rot6d: torch.Tensor) -> torch.Tensor:
     return rotmat_to_rot6d(rot6d_to_rotmat(rot6d))
 
 
+def regress(j_reg: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
+    """(K,V) regressor, (B,V,3) vertices -> (B,K,3) joints."""
+    return torch.einsum("kv,bvc->bkc", j_reg, verts)
+
+
 def root_relative_joints(j_reg: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
-    joints = torch.einsum("kv,bvc->bkc", j_reg, verts)
+    joints = regress(j_reg, verts)
     return joints - joints[:, :1]
+
+
+def reprojection_sq(joints, camera, cam_t, keypoints, visible, image_size) -> torch.Tensor:
+    """(B,) L_2d: mean over visible joints of the squared distance (px² of a 224 crop) between
+    joints (B,K,3) projected by ``camera`` at ``image_size`` and keypoints (B,K,2) in 224-crop
+    px; visible (B,K) float. 0 for a frame without visible joints."""
+    px = project(joints, camera, cam_t) * (KEYPOINT_RES / image_size)
+    d2 = ((px - keypoints) ** 2).sum(-1)
+    return (d2 * visible).sum(-1) / visible.sum(-1).clamp_min(1)
+
+
+def reprojection_error(joints, camera, cam_t, keypoints, visible, image_size) -> torch.Tensor:
+    """(B,) mean 2D distance (px of a 224 crop) over visible joints; NaN without any."""
+    px = project(joints, camera, cam_t) * (KEYPOINT_RES / image_size)
+    dist = (px - keypoints).norm(dim=-1)
+    count = visible.sum(-1)
+    return torch.where(count > 0, (dist * visible).sum(-1) / count.clamp_min(1),
+                       torch.full_like(count, float("nan")))
 
 
 def silhouette_term(kind: str, verts, faces, camera, cam_t, masks, has_mask, size, sigma):
@@ -216,7 +291,11 @@ def geodesic_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def refine_batch(body: BodyModel, j_reg: torch.Tensor, batch: Batch, disc: Discriminators,
                  config: RefineConfig, on_iter: Callable[[int, dict], None] | None = None) -> dict:
-    """Optimise one batch; update the discriminators once; return refined params and metrics."""
+    """Optimise one batch; update the discriminators once; return refined params and metrics.
+
+    ``on_iter(it, means)`` gets each term's batch mean as a 0-dim tensor on the device: reading
+    it (``float``) waits for the GPU, so callers do that only when they display it. Camera
+    warm-up steps report ``{"warmup_<term>": loss}``."""
     b = batch.rotmat.shape[0]
     camera = PinholeCamera.spin_crop(b, config.focal, config.image_size, batch.betas.dtype,
                                      batch.betas.device)
@@ -225,24 +304,52 @@ def refine_batch(body: BodyModel, j_reg: torch.Tensor, batch: Batch, disc: Discr
     pose6d = init6d.clone().requires_grad_(True)
     betas = batch.betas.clone().requires_grad_(True)
     weak = cam_t_to_weak(batch.cam_t).requires_grad_(True)
-    opt = torch.optim.Adam([pose6d, betas, weak], lr=config.lr, betas=(0.9, 0.999))
-    active = [t for t in TERMS if config.weights.get(t, 1.0) > 0]
+    active = [t for t in TERMS if config.weights.get(t, 1.0) > 0
+              and (t != "j2d" or batch.keypoints is not None)]
     weights: dict[str, float] = {}
     for p in disc.parameters():
         p.requires_grad_(False)
+
+    def silhouette(verts, cam_t):
+        return silhouette_term(config.silhouette_loss, verts, faces, camera, cam_t, batch.masks,
+                               batch.has_mask, config.image_size, config.sigma)
+
+    def reprojection(joints, cam_t):
+        return reprojection_sq(joints, camera, cam_t, batch.keypoints, batch.visible,
+                               config.image_size)
+
+    if config.camera_warmup:
+        term = "j2d" if "j2d" in active else "silhouette"
+        if term not in active:
+            raise JregfixError("the camera warm-up needs the 2D term (GT 'part') or the "
+                               "silhouette term; enable one or set --camera-warmup 0")
+        with torch.no_grad():  # pose and shape stay fixed: one mesh for every step
+            verts0 = body.vertices(rot6d_to_rotmat(pose6d), betas)
+            joints0 = regress(j_reg, verts0)
+        cam_opt = torch.optim.Adam([weak], lr=config.lr, betas=(0.9, 0.999))
+        for step in range(config.camera_warmup):
+            cam_t = weak_to_cam_t(weak)
+            loss = (reprojection(joints0, cam_t) if term == "j2d"
+                    else silhouette(verts0, cam_t)).mean()
+            cam_opt.zero_grad()
+            loss.backward()
+            cam_opt.step()
+            if on_iter is not None:
+                on_iter(step, {f"warmup_{term}": loss.detach()})
+    opt = torch.optim.Adam([pose6d, betas, weak], lr=config.lr, betas=(0.9, 0.999))
 
     def losses() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rot = rot6d_to_rotmat(pose6d)
         cam_t = weak_to_cam_t(weak)
         verts = body.vertices(rot, betas)
         terms = {}
+        joints = regress(j_reg, verts)
         if "joint" in active:
-            terms["joint"] = ((root_relative_joints(j_reg, verts) - batch.gt_joints) ** 2
-                              ).sum(-1).mean(-1)
+            terms["joint"] = ((joints - joints[:, :1] - batch.gt_joints) ** 2).sum(-1).mean(-1)
+        if "j2d" in active:
+            terms["j2d"] = reprojection(joints, cam_t)
         if "silhouette" in active:
-            terms["silhouette"] = silhouette_term(config.silhouette_loss, verts, faces, camera,
-                                                  cam_t, batch.masks, batch.has_mask,
-                                                  config.image_size, config.sigma)
+            terms["silhouette"] = silhouette(verts, cam_t)
         if "adversarial" in active:
             terms["adversarial"] = disc.generator_loss(orthonormal_6d(pose6d), betas)
         return terms, verts
@@ -252,8 +359,9 @@ def refine_batch(body: BodyModel, j_reg: torch.Tensor, batch: Batch, disc: Discr
         terms, _ = losses()
         means = {k: v.mean() for k, v in terms.items()}
         if it == 0:
-            for k, v in means.items():
-                weights[k] = config.weights.get(k, 1.0 / max(float(v.detach()), WEIGHT_FLOORS[k]))
+            first = torch.stack(list(means.values())).tolist()  # one device read per batch
+            for k, v in zip(means, first, strict=True):
+                weights[k] = config.weights.get(k, 1.0 / max(v, WEIGHT_FLOORS[k]))
             history["initial"] = {k: v.detach() for k, v in terms.items()}
         if it == config.iters:
             history["final"] = {k: v.detach() for k, v in terms.items()}
@@ -263,7 +371,7 @@ def refine_batch(body: BodyModel, j_reg: torch.Tensor, batch: Batch, disc: Discr
         total.backward()
         opt.step()
         if on_iter is not None:
-            on_iter(it, {k: float(v.detach()) for k, v in means.items()})
+            on_iter(it, {k: v.detach() for k, v in means.items()})
     for p in disc.parameters():
         p.requires_grad_(True)
 
@@ -297,7 +405,13 @@ def _batch_metrics(body, j_reg, batch, rot, betas, cam_t, camera, config) -> dic
     iou1 = mask_iou(hard_silhouette(v1, body.faces, camera, size, cam_t=cam_t), masks)
     iou0, iou1 = (x.masked_fill(no_mask, float("nan")) for x in (iou0, iou1))
     err = lambda v: (root_relative_joints(j_reg, v) - batch.gt_joints).norm(dim=-1).mean(-1)  # noqa: E731
+    out = {}
+    if batch.keypoints is not None:  # frames without visible joints: NaN, as for the IoU
+        for when, v, t in (("before", v0, batch.cam_t), ("after", v1, cam_t)):
+            out[f"j2d_err_{when}_px"] = reprojection_error(
+                regress(j_reg, v), camera, t, batch.keypoints, batch.visible, size).cpu().numpy()
     return {
+        **out,
         "pred_rotmat": rot.cpu().numpy(),
         "betas": betas.cpu().numpy(),
         "cam_t": cam_t.cpu().numpy(),
@@ -318,6 +432,11 @@ def _init_cam_t(params, n: int) -> np.ndarray:
     raise JregfixError(f"{params.path}: needs 'cam_t' or 'camera' (s, tx, ty) to start from")
 
 
+# per-frame metrics that are NaN by design (no mask, no visible keypoint, no adversarial term);
+# NaN anywhere else in a chunk means the optimisation diverged
+NAN_MARKS = ("iou_before", "iou_after", "j2d_err_before_px", "j2d_err_after_px", "disc_loss")
+
+
 def check_regressor_provenance(path: str | Path, force: bool) -> dict | None:
     """Refuse a regressor fitted on refined meshes (the paper keeps the two steps apart)."""
     prov = load_provenance(path)
@@ -330,6 +449,8 @@ def check_regressor_provenance(path: str | Path, force: bool) -> dict | None:
     return prov
 
 
+@locks_output("out")  # one writer per output and its chunks, for the whole stage
+@device_stage()  # 'auto' resolved; on CUDA deterministic kernels and IEEE fp32 (no TF32)
 def refine(
     init: str | Path,
     gt: str | Path,
@@ -341,21 +462,30 @@ def refine(
     body_file: str | Path | None = None,
     shard: tuple[int, int] | None = None,
     force: bool = False,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: Callable[[int, dict], None] | None = None,
     ranks: Ranks | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> dict:
     """Refine every frame (or one shard) and write ``out`` (npz) plus its manifest.
 
-    ``progress(frames_done, live_losses)`` is called after each iteration and each batch
-    (``frames_done`` counts this process's frames). Under a distributed job (``ranks``) every
+    ``progress(frames_done, live_losses)`` is called after each batch with ``{}`` and during
+    it with the iteration and the loss terms, at its first and last iterations and at most every
+    ``LIVE_SECONDS`` in between (camera warm-up steps, whose term is named ``warmup_<term>``,
+    only by time); each report reads the losses back from the device, a sync on a
+    GPU. ``frames_done`` counts this process's frames. ``say`` gets one-line notes (a GT file
+    without 2D keypoints). Under a distributed job (``ranks``) every
     rank calls this with the same arguments: batches are dealt out as described in the module
     docstring, each rank writes its own chunks, and rank 0 merges them into ``out``.
     Returns a summary (means of the per-frame metrics, frames, empty masks, time).
     """
+    refuse_overwriting_inputs({"--init": init, "--gt": gt, "--silhouettes": silhouettes,
+                               "--joint-regressor": joint_regressor, "--smpl": body_file},
+                              {"--out": out})
     config = config or RefineConfig()
     config.validate()
     ranks = ranks or Ranks()
+    say = say or (lambda _msg: None)
     out = Path(out)
     prov = check_regressor_provenance(joint_regressor, force)
     gtd = load_h36m(gt)
@@ -365,9 +495,20 @@ def refine(
     if len(params) != n or len(sil.masks) != n:
         raise JregfixError(f"frame counts differ: init {len(params)} ({init}), GT {n} ({gt}), "
                            f"silhouettes {len(sil.masks)} ({silhouettes})")
-    if sil.masks.shape[1:] != (config.image_size, config.image_size):
-        raise JregfixError(f"{silhouettes}: masks are {sil.masks.shape[1:]}, expected "
-                           f"{config.image_size}x{config.image_size} crops")
+    if sil.masks.shape[1] != sil.masks.shape[2]:
+        raise JregfixError(f"{silhouettes}: masks are {sil.masks.shape[1]}x"
+                           f"{sil.masks.shape[2]}, expected square crops")
+    keypoints = gtd.keypoints17()
+    j2d = keypoints is not None and config.weights.get("j2d", 1.0) > 0
+    if keypoints is None:
+        say(f"{gt} has no 2D keypoints ('part'): refining without the 2D term")
+    usable = [t for t in TERMS if config.weights.get(t, 1.0) > 0 and (t != "j2d" or j2d)]
+    if not usable:
+        raise JregfixError(f"{gt} has no 2D keypoints ('part') and every other loss term has "
+                           "weight 0: nothing to optimise")
+    if config.camera_warmup and not (j2d or "silhouette" in usable):
+        raise JregfixError("--camera-warmup needs the 2D term (GT 'part') or the silhouette "
+                           "term; enable one or set --camera-warmup 0")
     for name, other in (("init", params.imgname), ("silhouettes", sil.imgname)):
         if other is not None and len(other) and not np.array_equal(other, gtd.imgname):
             raise JregfixError(f"{name} rows are not aligned with the GT file (imgname differs)")
@@ -400,7 +541,7 @@ def refine(
                            "divides it, or pass --batches-per-disc-step (a new value restarts)")
     record["config"]["batches_per_disc_step"] = group
     with ranks.main_first():
-        store = ChunkStore(chunks, record)
+        store = ChunkStore(chunks, record, nan_marks=NAN_MARKS)
     ranges = chunk_ranges(len(rows), config.batch_size)
     dev = torch.device(device)
     dtype = body.template.dtype
@@ -410,22 +551,35 @@ def refine(
     j_t = torch.from_numpy(j_reg).to(dev, dtype)
     gt_joints = gtd.joints17()
     gt_joints = gt_joints - gt_joints[:, :1]
-    masks_all = sil.masks & sil.found[:, None, None]
-    empty = ~masks_all.reshape(n, -1).any(1)
+    empty = ~(sil.masks.reshape(n, -1).any(1) & sil.found)
+    if keypoints is not None:
+        kp_crop = image_to_crop(keypoints[..., :2], gtd.center, gtd.scale, KEYPOINT_RES)
+        kp_visible = (keypoints[..., 2] > 0).astype(np.float64)
+
+    def masks_of(idx: np.ndarray) -> np.ndarray:
+        masks = sil.masks[idx] & sil.found[idx, None, None]
+        if masks.shape[1] != config.image_size:
+            return resample_crops(masks, config.image_size)
+        return masks
 
     def batch_of(idx: np.ndarray) -> Batch:
+        kp = {} if keypoints is None else {
+            "keypoints": torch.from_numpy(kp_crop[idx]).to(dev, dtype),
+            "visible": torch.from_numpy(kp_visible[idx]).to(dev, dtype)}
         return Batch(
             rotmat=pose_to_rotmat(torch.from_numpy(params.pose[idx]).to(dev, dtype),
                                   body.num_joints),
             betas=fit_betas(torch.from_numpy(params.betas[idx]).to(dev, dtype), body.num_betas),
             cam_t=torch.from_numpy(cam_t0[idx]).to(dev, dtype),
             gt_joints=torch.from_numpy(gt_joints[idx]).to(dev, dtype),
-            masks=torch.from_numpy(masks_all[idx]).to(dev, dtype),
+            masks=torch.from_numpy(masks_of(idx)).to(dev, dtype),
             has_mask=torch.from_numpy(~empty[idx]).to(dev),
+            **kp,
         )
 
     t0 = time.time()
     done_frames, resumed = 0, 0
+    shown = [0.0]  # when the live losses were last reported
     slots = group // ranks.world_size
     for first in range(0, len(ranges), group):
         members = list(range(first, min(first + group, len(ranges))))
@@ -439,8 +593,14 @@ def refine(
                 resumed += 1
             else:
                 def on_iter(it, live, done=done_frames):
-                    if progress is not None:
-                        progress(done, {"iter": it, **live})
+                    now = time.monotonic()
+                    edge = it in (0, config.iters - 1) and not any(
+                        k.startswith("warmup_") for k in live)
+                    if progress is None or (not edge and now - shown[0] < LIVE_SECONDS):
+                        return
+                    shown[0] = now
+                    values = torch.stack(list(live.values())).tolist()  # one device read
+                    progress(done, {"iter": it, **dict(zip(live, values, strict=True))})
 
                 res = refine_batch(body, j_t, batch, disc, config, on_iter)
                 res.pop("weights")
@@ -464,7 +624,6 @@ def refine(
     merged = merged_chunks(store, len(ranges), ranks)  # waits for every rank's chunks
     if ranks.is_main:
         result = _assemble(merged, gtd.imgname)
-        save_npz(out, **result)
         summary = {
             "frames": int(len(rows)),
             "empty_masks": int(empty[rows].sum()),
@@ -475,12 +634,19 @@ def refine(
             "geodesic_to_init_deg": float(result["geodesic_to_init_deg"].mean()),
             "seconds": time.time() - t0,
             "processes": ranks.world_size,
+            "j2d_term": "on" if j2d else "off: weight 0" if keypoints is not None
+            else "off: no 'part' in the GT file",
         }
+        for when in ("before", "after"):
+            errs = result.get(f"j2d_err_{when}_px")
+            if errs is not None and np.isfinite(errs).any():
+                summary[f"j2d_err_{when}_px"] = float(np.nanmean(errs))
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed], dtype=torch.int64)))
     if ranks.is_main:
         summary["resumed_chunks"] = resumed
-        write_manifest(manifest_path(out), record, outputs={"refined": out},
-                       extra={"summary": summary, "joint_regressor_provenance": prov})
+        write_output(out, npz_bytes(**result), record, "refined",
+                     extra={"summary": summary, "joint_regressor_provenance": prov,
+                            "numerics": numerics_record(dev)})
         store.remove()
     ranks.barrier()  # the output exists when any rank returns
     if not ranks.is_main:
@@ -523,6 +689,7 @@ def _shared_disc_step(disc: Discriminators, ranks: Ranks, grads: torch.Tensor | 
     disc.step(total / members)
 
 
+@locks_output("out")
 def merge_refined(parts: list[str | Path], out: str | Path) -> dict:
     """Join the outputs of ``refine --shard i/n`` runs (all n, of one run) into ``out``.
 
@@ -531,9 +698,10 @@ def merge_refined(parts: list[str | Path], out: str | Path) -> dict:
     """
     if not parts:
         raise JregfixError("--merge needs the shard outputs")
+    refuse_overwriting_inputs({"PARTS": parts}, {"--out": out})
     docs = []
     for part in parts:
-        doc = read_manifest(manifest_path(part))
+        doc = read_sidecar(part)
         if doc is None or doc.get("stage") != "refine" or not doc["config"].get("shard"):
             raise JregfixError(f"{part}: not the output of `refine --shard` (no shard manifest)")
         docs.append(doc)
@@ -558,14 +726,13 @@ def merge_refined(parts: list[str | Path], out: str | Path) -> dict:
         raise JregfixError("the shards' rows do not cover the GT frames exactly once")
     imgname = np.concatenate([a["imgname"] for a in arrays])
     merged = _assemble(merged, imgname)
-    save_npz(out, **merged)
     record = {k: docs[0][k] for k in ("stage", "inputs", "seed")}
     record["config"] = {**config, "shard": None, "shards": count}
     summary = {"frames": int(len(merged["rows"])), "shards": count,
                "discriminators": "one per shard (array jobs); torchrun shares one across ranks"}
-    write_manifest(manifest_path(out), record, outputs={"refined": out},
-                   extra={"summary": summary, "merged_from": describe_inputs(
-                       {f"shard_{shards[i][0]}": parts[i] for i in order})})
+    write_output(out, npz_bytes(**merged), record, "refined",
+                 extra={"summary": summary, "merged_from": describe_inputs(
+                     {f"shard_{shards[i][0]}": parts[i] for i in order})})
     return summary
 
 

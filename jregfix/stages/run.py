@@ -10,7 +10,8 @@ Stages, in order (each writes into ``run_dir``):
 4. ``refine``: `refine` of the train frames with J_spin and the masks -> ``refined.npz``.
 5. ``fit_J_opt``: `fit-regressor` on the refined meshes -> ``J_opt.npy``.
 6. ``evaluate``: every method of ``evaluate.methods`` on the test GT under ``evaluate.regressors``
-   (e.g. standard, oracle) plus J_spin and J_opt -> ``evaluate.json`` (Table I).
+   (e.g. standard, oracle) plus J_spin and J_opt -> ``evaluate.json`` (Table I, with paired
+   bootstrap intervals: ``evaluate.bootstrap`` resamples drawn with the run's seed).
 7. ``figures``: PNGs under ``figures/`` (:mod:`jregfix.stages.figures`).
 
 ``run_dir/manifest.json`` records, per stage, the inputs (sha256), the stage's config, the seed
@@ -19,6 +20,19 @@ unchanged is skipped; an interrupted `refine` resumes from its last finished chu
 chunk store). The resolved config (defaults filled in, paths absolute) is saved as
 ``run_dir/config.json``. A config is a dict, or a ``.json`` / ``.toml`` file whose relative
 paths are relative to the file.
+
+A run directory belongs to `run`: it writes there only files it created itself, each listed
+(with its sha256) under ``files`` in ``manifest.json``, and it refuses a directory holding any
+other file (the user's own ``J_spin.npy`` would otherwise be overwritten) unless the file is
+exactly what an earlier run wrote there. Inputs may not lie inside the run directory. A file is
+listed before its stage starts (sha256 null) and hashed when it ends, so the outputs of an
+interrupted stage are still recognised as `run`'s own. One `run` at a time holds the directory
+(the lock ``manifest.json.lock``, see :mod:`jregfix.io.lock`).
+
+One top-level ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``, default ``auto``, as
+every command's ``--device``) places every stage: the body model, spin, silhouettes, the
+meshes of both fits, refine, evaluate and the figures. It is part of each stage's record: a
+stage computed on another device type is computed again.
 """
 
 from __future__ import annotations
@@ -32,21 +46,26 @@ from pathlib import Path
 
 import numpy as np
 
+from jregfix.device import DEFAULT_DEVICE, resolve_device
 from jregfix.errors import JregfixError
-from jregfix.io.atomic import sha256_file, write_json
-from jregfix.io.manifest import fingerprint, stage_record, versions
+from jregfix.io.atomic import json_bytes, sha256_file, write_bytes, write_json
+from jregfix.io.lock import output_lock
+from jregfix.io.manifest import fingerprint, read_manifest, stage_record, versions
+from jregfix.stages.config_types import check_config_types
 from jregfix.stages.refine import RefineConfig
 
 DEFAULTS: dict = {
     "run_dir": "run",
     "seed": 0,
+    "device": DEFAULT_DEVICE,
     "body": {"model": "anny", "cache_dir": None, "smpl": None},
     "gt": {"train": None, "test": None},
     "init": {"given": None, "spin": None},
     "silhouettes": {"given": None, "images": None},
     "fit_regressor": {"support": "knn:128", "sum_to_one_weight": 1.0, "chunk_size": 128},
     "refine": {k: v for k, v in asdict(RefineConfig()).items() if k != "seed"},
-    "evaluate": {"joints": 17, "protocol": "p1", "methods": [], "regressors": {}},
+    "evaluate": {"joints": 17, "protocol": "p1", "frame_ids": "video", "methods": [],
+                 "regressors": {}, "bootstrap": 2000},
     "figures": {"enabled": True, "frames": 4, "params": None},
 }
 PATH_KEYS = (("gt", "train"), ("gt", "test"), ("init", "given"), ("silhouettes", "given"),
@@ -97,6 +116,7 @@ def load_config(config: str | Path | Mapping) -> dict:
                 from None
         root = path.resolve().parent
         config = raw
+    check_config_types(config, DEFAULTS, PATH_KEYS + (("run_dir",),))
     cfg = _merge(DEFAULTS, config)
 
     def absolute(p):
@@ -133,19 +153,64 @@ def load_config(config: str | Path | Mapping) -> dict:
 
 
 class RunManifest:
-    """``run_dir/manifest.json``: per stage, the record it ran with and its outputs' hashes."""
+    """``run_dir/manifest.json``: per stage, the record it ran with and its outputs' hashes;
+    under ``files`` every file `run` wrote into ``run_dir`` (relative path -> sha256, null
+    while its stage runs)."""
+
+    SIDECARS = ("", ".manifest.json", ".json")  # a stage output and what a stage writes beside
 
     def __init__(self, run_dir: Path, config: dict):
+        self.run_dir = run_dir
         self.path = run_dir / "manifest.json"
-        self.doc = {"stages": {}}
-        if self.path.is_file():
-            try:
-                self.doc = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
-                pass
-        self.doc.setdefault("stages", {})
+        self.doc = {"stages": {}, "files": {}}
+        if self.path.exists():
+            doc = read_manifest(self.path)
+            if not (isinstance(doc, dict) and isinstance(doc.get("stages"), dict)
+                    and isinstance(doc.get("files"), dict)):
+                raise JregfixError(f"{self.path} is not the manifest of a `jregfix run` (or of "
+                                   "an older version): choose a new run_dir, or move the "
+                                   "directory's files away")
+            self.doc = doc
         self.doc["config"] = config
         self.doc["versions"] = versions()
+
+    def refuse_foreign_files(self, owned: set[str]) -> None:
+        """Raise unless every file under run_dir is one `run` wrote and nobody changed since
+        (lock files, chunk stores and temporary files of ``owned`` outputs aside)."""
+        files = self.doc["files"]
+        for path in sorted(self.run_dir.rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            rel = path.relative_to(self.run_dir).as_posix()
+            if rel == "manifest.json" or _transient(rel, owned | {"manifest.json"}):
+                continue
+            if rel in files and (files[rel] is None or (path.is_file() and not path.is_symlink()
+                                                        and sha256_file(path) == files[rel])):
+                continue
+            why = "changed since `run` wrote it" if rel in files else "not written by `run`"
+            raise JregfixError(f"run_dir {self.run_dir} holds {rel} ({why}); `run` never "
+                               "overwrites files it did not write: move it away or choose a "
+                               "new run_dir")
+
+    def claim(self, paths: list[Path]) -> None:
+        """List ``paths`` (and their sidecars) as this run's before a stage writes them."""
+        for rel in self._names(paths):
+            self.doc["files"][rel] = None
+        self.save()
+
+    def record(self, paths: list[Path]) -> None:
+        """Hash ``paths`` (and their sidecars) after their stage, forgetting absent ones."""
+        for rel in self._names(paths):
+            path = self.run_dir / rel
+            if path.is_file():
+                self.doc["files"][rel] = sha256_file(path)
+            else:
+                self.doc["files"].pop(rel, None)
+        self.save()
+
+    def _names(self, paths: list[Path]) -> list[str]:
+        return [Path(p).relative_to(self.run_dir).as_posix() + s
+                for p in paths for s in self.SIDECARS]
 
     def current(self, name: str, record: dict, outputs: Mapping[str, Path]) -> bool:
         entry = self.doc["stages"].get(name)
@@ -164,7 +229,53 @@ class RunManifest:
         if extra:
             entry["summary"] = json.loads(json.dumps(extra, default=float))
         self.doc["stages"][name] = entry
+        self.save()
+
+    def save(self) -> None:
         write_json(self.path, self.doc)
+
+
+def _transient(rel: str, owned: set[str]) -> bool:
+    """A lock file, resume chunk or temporary file that a stage writing ``owned`` may leave."""
+    parent, _, name = rel.rpartition("/")
+    for out in owned:
+        out_parent, _, out_name = out.rpartition("/")
+        if rel == out + ".lock" or rel.startswith(out + ".chunks/") or (
+                parent == out_parent and name.startswith(f".{out_name}.")
+                and name.endswith(".part")):
+            return True
+    return False
+
+
+def run_outputs(cfg: Mapping) -> list[str]:
+    """Every file `run` may write under run_dir for ``cfg`` (relative paths, sidecars too)."""
+    outputs = ["J_spin.npy", "refined.npz", "J_opt.npy", "evaluate.json"]
+    outputs += ["spin.npz"] if cfg["init"]["spin"] else []
+    outputs += ["silhouettes.npz"] if cfg["silhouettes"]["images"] else []
+    if cfg["figures"]["enabled"]:
+        from jregfix.stages.figures import FIGURES
+
+        outputs += [f"figures/{k}.png" for k in FIGURES]
+    return ["config.json"] + [o + s for o in outputs for s in RunManifest.SIDECARS]
+
+
+def input_paths(cfg: Mapping) -> dict[str, str]:
+    """{config key: path} of every file or folder the run reads."""
+    paths = {f"{a}.{b}": cfg[a][b] for a, b in PATH_KEYS}
+    paths |= {f"init.spin.{k}": v for k, v in (cfg["init"]["spin"] or {}).items()}
+    paths |= {f"evaluate.methods[{i}].path": m["path"]
+              for i, m in enumerate(cfg["evaluate"]["methods"])}
+    paths |= {f"evaluate.regressors.{k}": v for k, v in cfg["evaluate"]["regressors"].items()}
+    return {k: v for k, v in paths.items() if v}
+
+
+def refuse_inputs_inside(cfg: Mapping, run_dir: Path) -> None:
+    """Inputs are never among a run's outputs: none may lie inside the run directory."""
+    for key, value in input_paths(cfg).items():
+        path = Path(value).resolve()
+        if path == run_dir.resolve() or path.is_relative_to(run_dir.resolve()):
+            raise JregfixError(f"config: {key} ({value}) lies inside run_dir {run_dir}, where "
+                               "`run` writes its outputs; keep inputs outside the run directory")
 
 
 # ----------------------------------------------------------------------------- body
@@ -219,10 +330,21 @@ def run(config: str | Path | Mapping, say: Say | None = None,
     """Run (or resume) every stage; returns {config, stages: {name: status}, evaluate, ...}."""
     say = say or (lambda _m: None)
     cfg = load_config(config)
+    device = resolve_device(cfg["device"], option="config: device")
     run_dir = Path(cfg["run_dir"])
+    refuse_inputs_inside(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg)
-    manifest = RunManifest(run_dir, cfg)
+    with output_lock(run_dir / "manifest.json", say):
+        manifest = RunManifest(run_dir, cfg)
+        manifest.refuse_foreign_files(set(run_outputs(cfg)))
+        manifest.claim([run_dir / "config.json"])
+        write_bytes(run_dir / "config.json", json_bytes(cfg))
+        manifest.record([run_dir / "config.json"])
+        return _run_stages(cfg, device, run_dir, manifest, say, refine_progress, body)
+
+
+def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Say,
+                refine_progress, body) -> dict:
     seed = cfg["seed"]
     status: dict[str, str] = {}
     summaries: dict[str, dict] = {}
@@ -233,19 +355,24 @@ def run(config: str | Path | Mapping, say: Say | None = None,
         nonlocal body
         if body is None:
             body = load_body(cfg["body"], say)
+        body = body.to(device)
         return body
 
-    def stage(name, inputs, stage_cfg, outputs, fn):
-        record = stage_record(name, inputs, {**stage_cfg, "body": cfg["body"]["model"]}, seed)
+    def stage(name, inputs, stage_cfg, outputs, fn, writes=True):
+        record = stage_record(name, inputs, {**stage_cfg, "body": cfg["body"]["model"],
+                                             "device": device.type}, seed)
         if manifest.current(name, record, outputs):
             status[name] = "current (skipped)"
             summaries[name] = manifest.doc["stages"][name].get("summary", {})
             say(f"stage {name}: current, skipped")
             return
         say(f"stage {name}: running")
+        written = list(outputs.values()) if writes else []
+        manifest.claim(written)
         t0 = time.perf_counter()
         summary = fn() or {}
         timings[name] = time.perf_counter() - t0
+        manifest.record(written)
         manifest.done(name, record, outputs, timings[name], summary)
         status[name] = f"done in {timings[name]:.1f} s"
         summaries[name] = summary
@@ -254,7 +381,8 @@ def run(config: str | Path | Mapping, say: Say | None = None,
     # 1-2: init and masks
     if cfg["init"]["given"]:
         init = Path(cfg["init"]["given"])
-        stage("init", {"init": init}, {"source": "given"}, {"init": init}, lambda: None)
+        stage("init", {"init": init}, {"source": "given"}, {"init": init}, lambda: None,
+              writes=False)
     else:
         from jregfix.stages.spin import SpinConfig, run_spin
 
@@ -263,10 +391,12 @@ def run(config: str | Path | Mapping, say: Say | None = None,
         stage("init", {"gt": gt_train, "checkpoint": sp.get("checkpoint")},
               {"source": "spin", **sp}, {"init": init},
               lambda: {"frames": run_spin(gt_train, sp["images"], sp["checkpoint"],
-                                          sp.get("mean_params"), init, SpinConfig()).frames})
+                                          sp.get("mean_params"), init,
+                                          SpinConfig(device=str(device))).frames})
     if cfg["silhouettes"]["given"]:
         masks = Path(cfg["silhouettes"]["given"])
-        stage("masks", {"masks": masks}, {"source": "given"}, {"masks": masks}, lambda: None)
+        stage("masks", {"masks": masks}, {"source": "given"}, {"masks": masks}, lambda: None,
+              writes=False)
     else:
         from jregfix.stages.silhouettes import SilhouetteConfig, run_silhouettes
 
@@ -275,7 +405,7 @@ def run(config: str | Path | Mapping, say: Say | None = None,
         stage("masks", {"gt": gt_train}, {"source": "silhouettes", "images": images},
               {"masks": masks},
               lambda: {"frames": run_silhouettes(gt_train, images, masks,
-                                                 SilhouetteConfig()).frames})
+                                                 SilhouetteConfig(device=str(device))).frames})
 
     # 3: J_spin
     j_spin = run_dir / "J_spin.npy"
@@ -291,7 +421,7 @@ def run(config: str | Path | Mapping, say: Say | None = None,
     stage("refine", {"init": init, "gt": gt_train, "silhouettes": masks, "J_spin": j_spin},
           cfg["refine"], {"refined": refined},
           lambda: refine(init, gt_train, masks, get_body(), j_spin, refined, rc,
-                         progress=refine_progress))
+                         device=device, progress=refine_progress))
 
     # 5: J_opt
     j_opt = run_dir / "J_opt.npy"
@@ -316,7 +446,8 @@ def run(config: str | Path | Mapping, say: Say | None = None,
 
         doc = evaluate([(m["method"], m["path"]) for m in ev["methods"]], gt_test, ordered,
                        body=get_body(), protocol=ev["protocol"], joints=ev["joints"],
-                       chunk_size=64, json_out=evaluation)
+                       frame_ids=ev["frame_ids"], chunk_size=64, device=device,
+                       json_out=evaluation, bootstrap=ev["bootstrap"], seed=seed)
         return {"rows": len(doc["results"])}
 
     inputs = {"gt": gt_test, **{f"method:{m['label']}": m["path"] for m in ev["methods"]},
@@ -346,6 +477,6 @@ def run(config: str | Path | Mapping, say: Say | None = None,
 def relabel(doc: dict, labels: Mapping[str, str]) -> dict:
     """A copy of an evaluate document with method keys replaced by display labels."""
     out = copy.deepcopy(doc)
-    for r in out["results"]:
+    for r in out["results"] + out.get("differences", []):
         r["method"] = labels.get(r["method"], r["method"])
     return out

@@ -452,7 +452,7 @@ def _params_arrays(rot: np.ndarray, betas: np.ndarray, cam_t: np.ndarray, crop: 
 def _track_file(path: Path, params: dict, rows_by_track: list[np.ndarray], center, scale,
                 use_joblib: bool) -> None:
     """VIBE/MEVA demo output: {track_id: {pred_cam, orig_cam, pose, betas, bboxes, frame_ids,
-    joints2d}} (conventions.md §7.2-7.3; no 'verts': evaluate then poses the body model)."""
+    joints2d}} (as VIBE's/MEVA's demos write them; no 'verts': evaluate poses the body)."""
     tracks = {}
     for tid, rows in enumerate(rows_by_track):
         side = 200 * scale[rows]
@@ -484,11 +484,12 @@ def rest_joint_candidates(body, support: str) -> list[np.ndarray]:
     """Support of each regressor row: template vertices near the rest joint centre."""
     from jregfix.stages.fit_regressor import candidate_rows
 
-    eye = torch.eye(3, dtype=body.template.dtype).repeat(1, body.num_joints, 1, 1)
+    like = {"dtype": body.template.dtype, "device": body.template.device}
+    eye = torch.eye(3, **like).repeat(1, body.num_joints, 1, 1)
     with torch.no_grad():
-        out = body(eye, torch.zeros(1, body.num_betas, dtype=body.template.dtype))
-        joints = body.h36m_joints(out)[0].double().numpy()
-    return candidate_rows(body.template.double().numpy(), joints, support)
+        out = body(eye, torch.zeros(1, body.num_betas, **like))
+        joints = body.h36m_joints(out)[0].double().cpu().numpy()
+    return candidate_rows(body.template.double().cpu().numpy(), joints, support)
 
 
 def fit_world_regressor(body, meshes: np.ndarray, joints: np.ndarray, out: Path,
@@ -503,6 +504,7 @@ def fit_world_regressor(body, meshes: np.ndarray, joints: np.ndarray, out: Path,
     diag = sol.diagnostics
     save_regressor(out, sol.regressor, {
         "stage": "world", "params_stage": params_stage, "description": note,
+        "subjects": list(config.train_subjects),  # read by evaluate's training-data flag
         "config": asdict(fit_config), "frames": diag["frames"],
         "rms_mm_all_joints": diag["rms_mm_all_joints"], "converged": diag["converged"],
         "support_locations": support.source})
@@ -751,7 +753,8 @@ def demo_run_config(world_dir: str | Path, run_dir: str | Path, world: WorldConf
         # "silhouette_loss": "soft" in run_config.json for the paper's loss.
         "refine": {"iters": s["iters"], "batch_size": s["batch"], "image_size": world.crop_size,
                    "silhouette_loss": "chamfer"},
-        "evaluate": {"joints": 17,
+        # the synthetic VIBE/MEVA-like tracks number GT rows, not video frames
+        "evaluate": {"joints": 17, "frame_ids": "rows",
                      "methods": [{"label": label, "method": m, "path": str(w / f)}
                                  for label, m, f in METHOD_FILES],
                      "regressors": {"standard": str(w / "J_standard.npy"),
