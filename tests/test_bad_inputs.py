@@ -235,6 +235,21 @@ def test_bad_option_values_name_the_option(case, world, capsys):
     assert expected in fails_cleanly(args(world), world, capsys)
 
 
+USAGE = {
+    "out of range": (["spin", "--batch-size", "0"], "'--batch-size'"),
+    "unknown option": (["evaluate", "--bogus"], "No such option: --bogus"),
+    "missing option": (["silhouettes"], "Missing option"),
+    "not a number": (["refine", "--iters", "many"], "'--iters'"),
+}
+
+
+@pytest.mark.parametrize("case", USAGE)
+def test_usage_errors_are_one_line_naming_the_help(case, world, capsys):
+    args, expected = USAGE[case]
+    line = fails_cleanly(args, world, capsys, code=2)
+    assert expected in line and f"`jregfix {args[0]} --help`" in line
+
+
 CONFIGS = {
     "a list": ([1, 2], "the config must be an object"),
     "iters many": ({"refine": {"iters": "many"}}, 'refine.iters must be an integer, got "many"'),

@@ -55,21 +55,33 @@ def join_job(device: str = "cpu") -> Ranks:
     return ranks
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: one red line and exit code 1 for any failure (``--debug`` re-raises).
+# click's UsageError (bad or missing options), reached through typer's public BadParameter:
+# recent typer releases vendor click, older ones depend on it.
+_UsageError = typer.BadParameter.__mro__[1]
 
-    typer's standalone mode prints usage errors itself and exits through SystemExit. Our own
-    errors print their message; I/O errors, absurd sizes and bad data are worded by
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one red line and a non-zero exit for any failure (``--debug``
+    re-raises).
+
+    typer runs outside its standalone mode, so a usage error (a bad or missing option) reaches
+    us too and is printed as one line (exit 2) instead of typer's framed box. Our own errors
+    print their message; I/O errors, absurd sizes and bad data are worded by
     :func:`jregfix.errors.one_line`; anything else says how to get the traceback.
     """
     try:
         with _leaving_the_job():
-            app(args=argv, standalone_mode=True)
+            code = app(args=argv, prog_name="jregfix", standalone_mode=False)
     except SystemExit as exc:
-        if _interrupted(exc):  # typer turns Ctrl-C into a silent exit 130
+        if _interrupted(exc):
             console.print(INTERRUPTED, highlight=False)
             return 130
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _UsageError as exc:
+        return _usage_error(exc)
+    except typer.Abort:
+        console.print(INTERRUPTED, highlight=False)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the boundary: one line per failure, never a trace
         if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
             raise
@@ -82,7 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print(INTERRUPTED, highlight=False)
         return 130
-    return 0
+    if code == 130:  # typer turns Ctrl-C inside a command into a silent exit 130
+        console.print(INTERRUPTED, highlight=False)
+    return code if isinstance(code, int) else 0
+
+
+def _usage_error(exc) -> int:
+    """A usage error as one line naming the command's --help; bare ``jregfix`` shows the help."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        print(ctx.get_help())
+        return 0
+    command = ctx.command_path if ctx is not None else "jregfix"
+    console.print("[bold red]error:[/] ", end="", highlight=False)
+    console.print(f"{exc.format_message()} (see `{command} --help`)", markup=False,
+                  highlight=False, soft_wrap=True)
+    return exc.exit_code
 
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
