@@ -115,3 +115,15 @@ def test_kill_between_output_and_manifest_makes_the_stage_not_current(tmp_path):
     assert is_current(out, record) and read_sidecar(out)["output_sha256"] == \
         hashlib.sha256(b"second").hexdigest()
     assert manifest_path(out).is_file()
+
+
+def test_json_outputs_hold_no_nan_or_inf(tmp_path):
+    from jregfix.io.atomic import write_json
+
+    write_json(tmp_path / "m.json", {"iou": float("nan"), "x": [1.5, float("inf")], "n": 3})
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    doc = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)
+    assert doc == {"iou": None, "x": [1.5, None], "n": 3}

@@ -26,8 +26,11 @@ def start(code_or_args: list[str], fault: str, cwd: Path) -> subprocess.Popen:
     once it reports that it paused at the fault point."""
     env = {**os.environ, "JREGFIX_FAULT": fault, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
+    # it ignored: give the child the default handler so the Ctrl-C test means the same anywhere.
     proc = subprocess.Popen([sys.executable, *code_or_args], env=env, cwd=cwd,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -163,8 +166,11 @@ def test_ctrl_c_prints_one_line_and_exits_130(world, smpl_pkl, tmp_path):  # noq
     proc = start(["-m", "jregfix", *refine_args(world, smpl_pkl, out, 2)], "after-lock:pause",
                  tmp_path)
     proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130
+    try:
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
     lines = rest.strip().splitlines()  # (the progress bar's last state comes first)
     assert lines[-1] == "interrupted; re-run the same command to resume"
     assert "Traceback" not in rest and sum("interrupted" in line for line in lines) == 1

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -90,7 +91,19 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    """Sorted, indented JSON. A NaN or inf (e.g. the mean IoU of a batch without masks) is
+    written as null: JSON has no such numbers, and Python's ``NaN`` token breaks other readers."""
+    return (json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
