@@ -52,14 +52,9 @@ def world(smpl_like_model, tmp_path_factory):
 
 
 def independent_errors(world, regressor, rows, joints=14):
-    pred = np.einsum("kv,nvc->nkc", regressor, world["pred_verts"][rows])
-    gt = world["gt17"][rows] - world["gt17"][rows, :1]
-    pred = pred - pred[:, :1]
-    if joints == 14:
-        pred, gt = pred[:, H36M_TO_J14], gt[:, H36M_TO_J14]
-    e = np.linalg.norm(pred - gt, axis=-1).mean(-1)
-    pa = np.array([reference_pa(p, g) for p, g in zip(pred, gt, strict=True)])
-    return 1000 * e.mean(), 1000 * pa.mean()
+    """MPJPE and PA-MPJPE (mm), means over frames, numpy only."""
+    e, pa = independent_frame_errors(world, regressor, rows, joints)
+    return e.mean(), pa.mean()
 
 
 def test_spin_npz_against_independent_numbers(world, smpl_body):
@@ -383,11 +378,12 @@ def test_training_data_flags(world, smpl_body, smpl_pkl, tmp_path, capsys, monke
     assert main(["evaluate", "--method", "spin", "--predictions", str(r / "spin.npz"), "--gt",
                  str(r / "gt.npz"), "--smpl", str(smpl_pkl), "--regressor",
                  f"ok={paths['held_out']}", "--regressor", f"raw={tmp_path / 'raw.npy'}",
-                 "--bootstrap", "50", "--per-joint"]) == 0
+                 "--bootstrap", "50", "--per-joint", "--per-action"]) == 0
     out = capsys.readouterr().out
     assert "raw (†)" in out and "ok (†)" not in out
     assert "fitted on test subjects (S11, S9; registry entry 'hedlin'" in out.replace("\n", " ")
-    assert "L Knee" in out  # --per-joint table
+    assert "L Knee" in out and "per joint" in out  # --per-joint table
+    assert "per action" in out  # --per-action table
 
 
 def test_outputs_never_replace_inputs(world, smpl_body, tmp_path):

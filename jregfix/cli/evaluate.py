@@ -130,27 +130,27 @@ def print_table(doc: dict, per_action: bool = False, per_joint: bool = False) ->
                       "its numbers on them are not held-out", style="yellow")
     if per_joint:
         for m in methods:
-            t = Table(title=f"{m}: per joint (MPJPE / PA-MPJPE, mm)")
-            t.add_column("joint")
-            for reg in regs:
-                t.add_column(reg, justify="right")
-            for j in lookup[(m, regs[0])]["per_joint_mm"]:
-                t.add_row(j, *[f"{lookup[(m, reg)]['per_joint_mm'][j]:.1f} / "
-                               f"{lookup[(m, reg)]['per_joint_pa_mm'][j]:.1f}" for reg in regs])
-            out.print(t)
+            _breakdown(out, m, "joint", regs, {reg: {
+                j: (lookup[(m, reg)]["per_joint_mm"][j], lookup[(m, reg)]["per_joint_pa_mm"][j])
+                for j in lookup[(m, reg)]["per_joint_mm"]} for reg in regs})
     if per_action:
         for m in methods:
-            t = Table(title=f"{m}: per action (MPJPE / PA-MPJPE, mm)")
-            t.add_column("action")
-            for reg in regs:
-                t.add_column(reg, justify="right")
-            actions = lookup[(m, regs[0])].get("per_action", {})
-            for a in actions:
-                t.add_row(a, *[f"{lookup[(m, reg)]['per_action'][a]['mpjpe_mm']:.1f} / "
-                               f"{lookup[(m, reg)]['per_action'][a]['pa_mpjpe_mm']:.1f}"
-                               for reg in regs])
-            out.print(t)
+            _breakdown(out, m, "action", regs, {reg: {
+                a: (v["mpjpe_mm"], v["pa_mpjpe_mm"])
+                for a, v in lookup[(m, reg)].get("per_action", {}).items()} for reg in regs})
 
+
+def _breakdown(out, method: str, what: str, regs: list, values: dict) -> None:
+    """One table per method: rows ``what`` (joints or actions), columns regressors, cells
+    'MPJPE / PA-MPJPE'; ``values[reg][row] = (mpjpe_mm, pa_mpjpe_mm)``."""
+    t = Table(title=f"{method}: per {what} (MPJPE / PA-MPJPE, mm)")
+    t.add_column(what)
+    for reg in regs:
+        t.add_column(reg, justify="right")
+    for row in values[regs[0]]:
+        t.add_row(row, *[f"{values[reg][row][0]:.1f} / {values[reg][row][1]:.1f}"
+                         for reg in regs])
+    out.print(t)
 
 def print_differences(doc: dict, console=None) -> None:
     """Compact companion of a methods x regressors Table I (the `run`/`demo` summary): per
