@@ -23,17 +23,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jregfix.geometry.intervals import paired_bootstrap  # noqa: E402
+from jregfix.geometry.intervals import paired_bootstrap
 
 
 def synthetic(frames: int, regressors: int, sequences: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     codes = np.sort(rng.integers(0, sequences, frames))
-    labels = np.array([f"S{9 + 2 * (s % 2)}_Action_{s // 8}.{54138969 + (s // 2) % 4}" for s in
-                       range(sequences)])[codes]
+    labels = np.array(
+        [f"S{9 + 2 * (s % 2)}_Action_{s // 8}.{54138969 + (s // 2) % 4}" for s in range(sequences)]
+    )[codes]
     level = rng.normal(55, 10, sequences)[codes] + rng.normal(0, 5, frames)
-    shift = rng.normal(0, 2, (sequences, regressors))[codes] + rng.normal(0, 1, (frames,
-                                                                             regressors))
+    shift = rng.normal(0, 2, (sequences, regressors))[codes] + rng.normal(
+        0, 1, (frames, regressors)
+    )
     mpjpe = level[:, None] + shift
     return mpjpe, 0.7 * mpjpe, labels
 
@@ -62,20 +64,28 @@ def main() -> None:
     mpjpe, pa, labels = synthetic(args.frames, args.regressors, args.sequences)
 
     t0 = time.perf_counter()
-    res = {name: paired_bootstrap(v, labels, args.resamples, seed=0)
-           for name, v in (("MPJPE", mpjpe), ("PA-MPJPE", pa))}
+    res = {
+        name: paired_bootstrap(v, labels, args.resamples, seed=0)
+        for name, v in (("MPJPE", mpjpe), ("PA-MPJPE", pa))
+    }
     fast = time.perf_counter() - t0
     per_resample = naive(mpjpe, labels, args.naive_resamples, seed=0)
     slow = 2 * per_resample * args.resamples  # two metrics, as above
 
-    print(f"{args.frames} frames x {args.regressors} regressors, {res['MPJPE'].sequences} "
-          f"sequences, {args.resamples} resamples, both metrics")
+    print(
+        f"{args.frames} frames x {args.regressors} regressors, {res['MPJPE'].sequences} "
+        f"sequences, {args.resamples} resamples, both metrics"
+    )
     print(f"  paired_bootstrap: {fast:.3f} s  (target <= 2 s: {'met' if fast <= 2 else 'MISSED'})")
-    print(f"  naive per-frame loop: {slow:.1f} s extrapolated from {args.naive_resamples} "
-          f"resamples ({1000 * per_resample:.1f} ms each); ratio {slow / fast:.0f}x")
+    print(
+        f"  naive per-frame loop: {slow:.1f} s extrapolated from {args.naive_resamples} "
+        f"resamples ({1000 * per_resample:.1f} ms each); ratio {slow / fast:.0f}x"
+    )
     r = res["MPJPE"]
-    print(f"  e.g. MPJPE col1 - col0: {r.difference[0, 1]:+.2f} "
-          f"[{r.lower[0, 1]:+.2f}, {r.upper[0, 1]:+.2f}] mm")
+    print(
+        f"  e.g. MPJPE col1 - col0: {r.difference[0, 1]:+.2f} "
+        f"[{r.lower[0, 1]:+.2f}, {r.upper[0, 1]:+.2f}] mm"
+    )
 
 
 if __name__ == "__main__":

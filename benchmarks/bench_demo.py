@@ -20,23 +20,28 @@ import numpy as np
 import torch
 
 
-def refine_seconds_per_iter(body, world: Path, j_spin: Path, loss: str, iters: int,
-                            size: int) -> float:
+def refine_seconds_per_iter(
+    body, world: Path, j_spin: Path, loss: str, iters: int, size: int
+) -> float:
     from jregfix.body.rotations import pose_to_rotmat
     from jregfix.io.h36m import load_h36m
     from jregfix.io.masks import load_silhouettes
     from jregfix.io.params import load_params
     from jregfix.io.regressors import load_regressor
-    from jregfix.stages.refine import Batch, Discriminators, RefineConfig, refine_batch
+    from jregfix.methods.refinement import Batch, Discriminators, RefineConfig, refine_batch
 
     p = load_params(world / "spin_train.npz")
     gt = load_h36m(world / "h36m_train.npz").joints17()
     masks = load_silhouettes(world / "silhouettes_train.npz").masks
     rows = np.arange(16)
-    batch = Batch(pose_to_rotmat(torch.from_numpy(p.pose[rows]).float(), 24),
-                  torch.from_numpy(p.betas[rows]).float(), torch.from_numpy(p.cam_t[rows]).float(),
-                  torch.from_numpy(gt[rows] - gt[rows, :1]).float(),
-                  torch.from_numpy(masks[rows]).float(), torch.ones(16, dtype=torch.bool))
+    batch = Batch(
+        pose_to_rotmat(torch.from_numpy(p.pose[rows]).float(), 24),
+        torch.from_numpy(p.betas[rows]).float(),
+        torch.from_numpy(p.cam_t[rows]).float(),
+        torch.from_numpy(gt[rows] - gt[rows, :1]).float(),
+        torch.from_numpy(masks[rows]).float(),
+        torch.ones(16, dtype=torch.bool),
+    )
     j = torch.from_numpy(load_regressor(j_spin)).float()
     config = RefineConfig(iters=iters, image_size=size, silhouette_loss=loss)
     disc = Discriminators(body.num_joints, body.num_betas, config.disc_lr)
@@ -52,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from jregfix.body.anny import AnnyBody
-    from jregfix.stages.world import demo_run_config, demo_world_config, generate_world
+    from jregfix.synthetic.demo import demo_run_config, demo_world_config
+    from jregfix.synthetic.world import generate_world
 
     print(f"load average: {os.getloadavg()}")
     t0 = time.perf_counter()
@@ -67,20 +73,27 @@ def main() -> None:
         world = tmp / "quick"
         crop = demo_world_config("quick").crop_size
         # J_standard stands in for J_spin: the regressor does not change the cost.
-        soft = refine_seconds_per_iter(body, world, world / "J_standard.npy", "soft",
-                                       args.iters, crop)
-        chamfer = refine_seconds_per_iter(body, world, world / "J_standard.npy", "chamfer",
-                                          args.iters, crop)
-        print(f"refine, 16 frames at {crop} px, per iteration: soft {soft:.2f} s, chamfer "
-              f"{chamfer:.2f} s, ratio soft/chamfer {soft / chamfer:.1f}")
+        soft = refine_seconds_per_iter(
+            body, world, world / "J_standard.npy", "soft", args.iters, crop
+        )
+        chamfer = refine_seconds_per_iter(
+            body, world, world / "J_standard.npy", "chamfer", args.iters, crop
+        )
+        print(
+            f"refine, 16 frames at {crop} px, per iteration: soft {soft:.2f} s, chamfer "
+            f"{chamfer:.2f} s, ratio soft/chamfer {soft / chamfer:.1f}"
+        )
         if args.full:
             from jregfix.stages.run import run
 
             t0 = time.perf_counter()
-            result = run(demo_run_config(world, tmp / "run", demo_world_config("quick"),
-                                         "quick"), body=body)
-            print(f"demo --quick pipeline after the world: {time.perf_counter() - t0:.1f} s "
-                  f"({', '.join(f'{k} {v:.1f} s' for k, v in result['timings'].items())})")
+            result = run(
+                demo_run_config(world, tmp / "run", demo_world_config("quick"), "quick"), body=body
+            )
+            print(
+                f"demo --quick pipeline after the world: {time.perf_counter() - t0:.1f} s "
+                f"({', '.join(f'{k} {v:.1f} s' for k, v in result.summary['timings'].items())})"
+            )
     print(f"load average: {os.getloadavg()}")
 
 

@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jregfix.distributed import init_from_env, shutdown  # noqa: E402
+from jregfix.distributed import init_from_env, shutdown
 
 
 def _port() -> int:
@@ -50,8 +50,13 @@ def run(fn, processes: int, threads: int, *args) -> None:
 
 
 def _entry(rank, fn, processes, threads, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(processes), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(processes),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(threads)
     ranks = init_from_env("cpu")
     try:
@@ -65,12 +70,8 @@ def _entry(rank, fn, processes, threads, port, args):
 
 def fit_job(ranks, root: Path, frames: int, tag: str) -> None:
     from jregfix.body.smpl import SMPLBody
-    from jregfix.stages.fit_regressor import (
-        BodyMeshes,
-        accumulate,
-        candidate_rows,
-        effective_regressor,
-    )
+    from jregfix.io.regressors import effective_regressor
+    from jregfix.methods.fitting import BodyMeshes, accumulate, candidate_rows
 
     body = SMPLBody(root / "smpl.pkl")
     with np.load(root / "fit.npz") as z:
@@ -110,8 +111,13 @@ def fit_inputs(root: Path, frames: int) -> None:
     w = np.zeros((17, 6890))
     for j in range(17):
         w[j, rng.choice(6890, 4, replace=False)] = 0.25
-    verts = batch_vertices(body, torch.from_numpy(pose).float(), torch.from_numpy(betas).float(),
-                           chunk_size=500).double().numpy()
+    verts = (
+        batch_vertices(
+            body, torch.from_numpy(pose).float(), torch.from_numpy(betas).float(), chunk_size=500
+        )
+        .double()
+        .numpy()
+    )
     joints = np.einsum("kv,nvc->nkc", w, verts)
     np.savez(root / "fit.npz", pose=pose, betas=betas, joints=joints - joints[:, :1], w=w)
 
@@ -124,7 +130,7 @@ def refine_world(root: Path, n: int, size: int) -> None:
 
     from jregfix.body.base import batch_vertices
     from jregfix.body.smpl import SMPLBody
-    from jregfix.geometry.camera import PinholeCamera
+    from jregfix.geometry.camera import PinholeCamera, spin_focal
     from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m
     from jregfix.io.masks import save_silhouettes
     from jregfix.render.silhouette import hard_silhouette
@@ -135,32 +141,47 @@ def refine_world(root: Path, n: int, size: int) -> None:
     aa[:, 0] = Rotation.from_matrix(np.diag([1.0, -1, -1])).as_rotvec()
     betas = rng.normal(size=(n, 10)) * 0.5
     cam_t = np.tile([0.0, 0.1, 45.0], (n, 1))
-    verts = batch_vertices(body, torch.from_numpy(aa.reshape(n, 72)).float(),
-                           torch.from_numpy(betas).float())
+    verts = batch_vertices(
+        body, torch.from_numpy(aa.reshape(n, 72)).float(), torch.from_numpy(betas).float()
+    )
     w = np.load(root / "fit.npz")["w"]
     np.save(root / "J.npy", w)
     names = np.array([h36m_imgname("S1", "Walking_1", "54138969", i + 1) for i in range(n)])
     gt = np.einsum("kv,nvc->nkc", w, verts.double().numpy())
-    save_h36m(root / "gt.npz", names, np.full((n, 2), 500.0), np.full(n, 2.0),
-              joints17_to_s24(gt))
-    cam = PinholeCamera.spin_crop(n, 5000.0 * size / 224, size)
-    masks = hard_silhouette(verts, body.faces, cam, size,
-                            cam_t=torch.from_numpy(cam_t).float()).numpy()
+    save_h36m(root / "gt.npz", names, np.full((n, 2), 500.0), np.full(n, 2.0), joints17_to_s24(gt))
+    cam = PinholeCamera.spin_crop(n, spin_focal(size), size)
+    masks = hard_silhouette(
+        verts, body.faces, cam, size, cam_t=torch.from_numpy(cam_t).float()
+    ).numpy()
     save_silhouettes(root / "sil.npz", masks, np.ones(n), np.ones(n, bool), names)
-    np.savez(root / "init.npz", pose=(aa + rng.normal(size=aa.shape) * 0.1).reshape(n, 72),
-             betas=betas + 0.3, cam_t=cam_t + [0.03, -0.03, 3.0], imgname=names)
+    np.savez(
+        root / "init.npz",
+        pose=(aa + rng.normal(size=aa.shape) * 0.1).reshape(n, 72),
+        betas=betas + 0.3,
+        cam_t=cam_t + [0.03, -0.03, 3.0],
+        imgname=names,
+    )
 
 
 def refine_job(ranks, root: Path, size: int, group: int, tag: str) -> None:
     from jregfix.body.smpl import SMPLBody
-    from jregfix.stages.refine import RefineConfig, refine
+    from jregfix.methods.refinement import RefineConfig
+    from jregfix.stages.refine import refine
 
     body = SMPLBody(root / "smpl.pkl")
     config = RefineConfig(iters=10, batch_size=4, image_size=size, batches_per_disc_step=group)
     ranks.barrier()
     t0 = time.perf_counter()
-    refine(root / "init.npz", root / "gt.npz", root / "sil.npz", body, root / "J.npy",
-           root / f"refined_{tag}.npz", config, ranks=ranks)
+    refine(
+        root / "init.npz",
+        root / "gt.npz",
+        root / "sil.npz",
+        body,
+        root / "J.npy",
+        root / f"refined_{tag}.npz",
+        config,
+        ranks=ranks,
+    )
     if ranks.is_main:
         np.save(root / f"refine_{tag}.npy", time.perf_counter() - t0)
 
@@ -171,7 +192,8 @@ def main() -> None:
     ap.add_argument("--refine-frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
-    from jregfix.body.synthetic import make_smpl_like_model, write_released_style_pickle
+    from jregfix.io.smpl_write import write_released_style_pickle
+    from jregfix.synthetic.body import make_smpl_like_model
 
     root = Path(tempfile.mkdtemp())
     write_released_style_pickle(root / "smpl.pkl", make_smpl_like_model())
@@ -182,18 +204,27 @@ def main() -> None:
     for tag, procs, threads in configs:
         run(fit_job, procs, threads, root, args.frames, tag)
     fit = {tag: np.load(root / f"fit_{tag}.npz") for tag, _, _ in configs}
-    same = all(np.array_equal(fit[t]["gram"], fit["1x2"]["gram"])
-               and np.array_equal(fit[t]["cross"], fit["1x2"]["cross"]) for t in fit)
+    same = all(
+        np.array_equal(fit[t]["gram"], fit["1x2"]["gram"])
+        and np.array_equal(fit[t]["cross"], fit["1x2"]["cross"])
+        for t in fit
+    )
     for tag, procs, threads in configs:
         s = float(fit[tag]["seconds"])
-        print(f"  {procs} process(es) x {threads} thread(s): {s:6.1f} s  "
-              f"{args.frames / s:6.0f} frames/s")
+        print(
+            f"  {procs} process(es) x {threads} thread(s): {s:6.1f} s  "
+            f"{args.frames / s:6.0f} frames/s"
+        )
     f12, f11, f21 = (float(fit[t]["seconds"]) for t in ("1x2", "1x1", "2x1"))
-    print(f"  speed-up of 2 processes: {f12 / f21:.2f}x over 1 process x 2 threads, "
-          f"{f11 / f21:.2f}x over 1 x 1; sums bit-identical across runs: {same}")
+    print(
+        f"  speed-up of 2 processes: {f12 / f21:.2f}x over 1 process x 2 threads, "
+        f"{f11 / f21:.2f}x over 1 x 1; sums bit-identical across runs: {same}"
+    )
     gemm, split = exact_sum_cost()
-    print(f"  exact summation of one chunk's Gram (2176^2, 512 frames): {split * 1e3:.0f} ms "
-          f"vs {gemm * 1e3:.0f} ms for the product itself")
+    print(
+        f"  exact summation of one chunk's Gram (2176^2, 512 frames): {split * 1e3:.0f} ms "
+        f"vs {gemm * 1e3:.0f} ms for the product itself"
+    )
 
     n, size = args.refine_frames, args.size
     refine_world(root, n, size)
@@ -202,12 +233,16 @@ def main() -> None:
         run(refine_job, procs, threads, root, size, 2, tag)
     times = {tag: float(np.load(root / f"refine_{tag}.npy")) for tag, _, _ in configs}
     for tag, procs, threads in configs:
-        print(f"  {procs} process(es) x {threads} thread(s): {times[tag]:6.1f} s  "
-              f"{n / times[tag]:.2f} frames/s")
+        print(
+            f"  {procs} process(es) x {threads} thread(s): {times[tag]:6.1f} s  "
+            f"{n / times[tag]:.2f} frames/s"
+        )
     same = (root / "refined_2x1.npz").read_bytes() == (root / "refined_1x1.npz").read_bytes()
-    print(f"  speed-up of 2 processes: {times['1x2'] / times['2x1']:.2f}x over 1 process x 2 "
-          f"threads, {times['1x1'] / times['2x1']:.2f}x over 1 x 1; output of 2x1 identical "
-          f"to 1x1: {same}")
+    print(
+        f"  speed-up of 2 processes: {times['1x2'] / times['2x1']:.2f}x over 1 process x 2 "
+        f"threads, {times['1x1'] / times['2x1']:.2f}x over 1 x 1; output of 2x1 identical "
+        f"to 1x1: {same}"
+    )
 
 
 if __name__ == "__main__":

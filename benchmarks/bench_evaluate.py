@@ -10,7 +10,8 @@ reads). Both paths run in this one process on the same frames of the synthetic S
 
 * new: `evaluate` as shipped (sparse or folded regression, :mod:`jregfix.body.regressed_joints`);
 * old: `evaluate` with a body that only offers full vertices (every frame skinned in full,
-  then J @ V), i.e. the path before.
+  then J @ V), i.e. the path before;
+* library: :func:`jregfix.score` on the same arrays in memory (no files, no bootstrap).
 
 Printed: frames/s of each, end to end and for the joints alone, their ratio, and the largest
 difference between the two result documents (must be < 1e-4 mm). Use a quiet machine for
@@ -32,12 +33,14 @@ from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jregfix.body.base import joint_regression  # noqa: E402
-from jregfix.body.smpl import SMPLBody  # noqa: E402
-from jregfix.body.synthetic import make_smpl_like_model, write_released_style_pickle  # noqa: E402
-from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m  # noqa: E402
-from jregfix.io.regressors import effective_regressor, load_regressor  # noqa: E402
-from jregfix.stages.evaluate import evaluate  # noqa: E402
+import jregfix
+from jregfix.body.base import joint_regression
+from jregfix.body.smpl import SMPLBody
+from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m
+from jregfix.io.regressors import effective_regressor, load_regressor
+from jregfix.io.smpl_write import write_released_style_pickle
+from jregfix.stages.evaluate import evaluate
+from jregfix.synthetic.body import make_smpl_like_model
 
 
 class FullMesh:
@@ -56,7 +59,8 @@ def regressors(args, rng, tmp: Path) -> dict[str, Path]:
     wide = np.zeros((17, 6890))
     for row in range(17):
         wide[row, rng.choice(6890, args.dense_support, replace=False)] = rng.dirichlet(
-            np.ones(args.dense_support))
+            np.ones(args.dense_support)
+        )
     if args.sparse_regressor:
         narrow = effective_regressor(load_regressor(args.sparse_regressor))
     else:
@@ -70,18 +74,30 @@ def regressors(args, rng, tmp: Path) -> dict[str, Path]:
 
 
 def numbers(doc) -> np.ndarray:
-    return np.array([v for r in doc["results"] for v in
-                     (r["mpjpe_mm"], r["pa_mpjpe_mm"], *r["per_joint_mm"].values())])
+    return np.array(
+        [
+            v
+            for r in doc["results"]
+            for v in (r["mpjpe_mm"], r["pa_mpjpe_mm"], *r["per_joint_mm"].values())
+        ]
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=20000)
     ap.add_argument("--chunk-size", type=int, default=256, help="evaluate's --chunk-size")
-    ap.add_argument("--sparse-regressor", default=None,
-                    help="the released Hedlin regressor (.pt) as the narrow one")
-    ap.add_argument("--dense-support", type=int, default=400,
-                    help="vertices per row of the synthetic wide regressor")
+    ap.add_argument(
+        "--sparse-regressor",
+        default=None,
+        help="the released Hedlin regressor (.pt) as the narrow one",
+    )
+    ap.add_argument(
+        "--dense-support",
+        type=int,
+        default=400,
+        help="vertices per row of the synthetic wide regressor",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -103,14 +119,18 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     print(f"threads: torch {torch.get_num_threads()}, cpus {cpus}, load average {load:.1f}")
     if load > cpus:
-        print("WARNING: the machine is busy (load average above the core count); "
-              "do not record these figures")
+        print(
+            "WARNING: the machine is busy (load average above the core count); "
+            "do not record these figures"
+        )
 
     stacked = torch.from_numpy(np.concatenate([np.load(p) for p in regs.values()]))
     plan = body.regressed_joints(stacked, [17, 17])
-    print(f"plan: wide {plan.paths[0]}, narrow {plan.paths[1]}; {plan.num_sparse} vertices "
-          f"skinned, {plan.num_pairs} (joint, bone) pairs folded; {plan.macs_per_frame:,} "
-          f"multiply-adds/frame (full mesh: {6890 * (3 * 217 + 24 * 12 + 12):,})")
+    print(
+        f"plan: wide {plan.paths[0]}, narrow {plan.paths[1]}; {plan.num_sparse} vertices "
+        f"skinned, {plan.num_pairs} (joint, bone) pairs folded; {plan.macs_per_frame:,} "
+        f"multiply-adds/frame (full mesh: {6890 * (3 * 217 + 24 * 12 + 12):,})"
+    )
 
     rot = torch.from_numpy(Rotation.from_rotvec(aa.reshape(-1, 3)).as_matrix()).float()
     rot, b = rot.view(n, 24, 3, 3), torch.from_numpy(betas).float()
@@ -120,24 +140,48 @@ def main() -> None:
         t = time.perf_counter()
         with torch.no_grad():
             for start in range(0, n, args.chunk_size):
-                regress(rot[start:start + args.chunk_size], b[start:start + args.chunk_size])
+                regress(rot[start : start + args.chunk_size], b[start : start + args.chunk_size])
         joints[label] = time.perf_counter() - t
 
     docs, total = {}, {}
     for label, model in (("new", body), ("old", FullMesh(body))):
         t = time.perf_counter()
-        docs[label] = evaluate([("spin", tmp / "pred.npz")], tmp / "gt.npz", regs, body=model,
-                               chunk_size=args.chunk_size)
+        docs[label] = evaluate(
+            [("spin", tmp / "pred.npz")],
+            tmp / "gt.npz",
+            regs,
+            body=model,
+            chunk_size=args.chunk_size,
+        ).summary
         total[label] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    scores = jregfix.score(
+        {"pose": aa, "betas": betas},
+        gt17,
+        {name: np.load(path) for name, path in regs.items()},
+        body,
+        chunk_size=args.chunk_size,
+    )
+    in_memory = time.perf_counter() - t
+    print(f"library: score() in memory {n / in_memory:,.0f} frames/s ({in_memory:.2f} s)")
+    library = np.array([v for m in scores.summary().values() for v in m.values()])
+    stage = np.array([v for r in docs["new"]["results"] for v in (r["mpjpe_mm"], r["pa_mpjpe_mm"])])
+    print(f"check: score() equals the stage's means: {np.array_equal(library, stage)}")
     for label in ("new", "old"):
-        print(f"{label}: evaluate {n / total[label]:,.0f} frames/s ({total[label]:.2f} s), "
-              f"joints alone {n / joints[label]:,.0f} frames/s ({joints[label]:.2f} s)")
-    print(f"speed-up: evaluate {total['old'] / total['new']:.1f}x, "
-          f"joints {joints['old'] / joints['new']:.1f}x")
+        print(
+            f"{label}: evaluate {n / total[label]:,.0f} frames/s ({total[label]:.2f} s), "
+            f"joints alone {n / joints[label]:,.0f} frames/s ({joints[label]:.2f} s)"
+        )
+    print(
+        f"speed-up: evaluate {total['old'] / total['new']:.1f}x, "
+        f"joints {joints['old'] / joints['new']:.1f}x"
+    )
     diff = np.abs(numbers(docs["new"]) - numbers(docs["old"])).max()
-    print(f"check: largest difference between the two result documents {diff:.2e} mm "
-          f"({'ok' if diff < 1e-4 else 'TOO LARGE'})")
+    print(
+        f"check: largest difference between the two result documents {diff:.2e} mm "
+        f"({'ok' if diff < 1e-4 else 'TOO LARGE'})"
+    )
 
 
 if __name__ == "__main__":

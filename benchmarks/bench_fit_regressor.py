@@ -43,7 +43,7 @@ def build_pool(pool: int, seed: int = 0):
 
     from jregfix.body.base import batch_vertices
     from jregfix.body.smpl import SMPLBody
-    from jregfix.body.synthetic import make_smpl_like_model
+    from jregfix.synthetic.body import make_smpl_like_model
 
     torch.set_num_threads(2)
     body = SMPLBody(make_smpl_like_model(seed))
@@ -129,21 +129,33 @@ def _load(path: str, frames: int):
 
 
 def run_ours(path: str, frames: int, certify: bool, queue) -> None:
-    from jregfix.stages.fit_regressor import FitConfig, fit_regressor
+    from jregfix.methods.fitting import FitConfig, fit_regressor
 
     stream, template, joints = _load(path, frames)
     rss_before = _reset_peak()
     t0 = time.perf_counter()
-    sol, support = fit_regressor(stream, joints, template, FitConfig(certify=certify))
+    sol = fit_regressor(stream, joints, template, FitConfig(certify=certify))
     total = time.perf_counter() - t0
     d = sol.diagnostics
-    queue.put({"rss_before_mb": rss_before, "peak_rss_mb": _peak_mb(), "total_s": total,
-               "stream_s": stream.seconds, "time_s": d["time_s"], "objective": d["objective"],
-               "rms_mm": d["rms_mm_all_joints"], "kkt_relative_max": d["kkt_relative_max"],
-               "kkt_global": d["kkt_global_relative_max"], "certification": d["certification"],
-               "converged": d["converged"], "union": d["union_vertices"],
-               "certification_time_s": d.get("certification_time_s"),
-               "iterations": d["solver_iterations"], "support": support.source})
+    queue.put(
+        {
+            "rss_before_mb": rss_before,
+            "peak_rss_mb": _peak_mb(),
+            "total_s": total,
+            "stream_s": stream.seconds,
+            "time_s": d["time_s"],
+            "objective": d["objective"],
+            "rms_mm": d["rms_mm_all_joints"],
+            "kkt_relative_max": d["kkt_relative_max"],
+            "kkt_global": d["kkt_global_relative_max"],
+            "certification": d["certification"],
+            "converged": d["converged"],
+            "union": d["union_vertices"],
+            "certification_time_s": d.get("certification_time_s"),
+            "iterations": d["solver_iterations"],
+            "support": sol.support.source,
+        }
+    )
 
 
 def prepare_cli(root: str, frames: int, queue) -> None:
@@ -152,8 +164,9 @@ def prepare_cli(root: str, frames: int, queue) -> None:
 
     from jregfix.body.base import batch_vertices
     from jregfix.body.smpl import SMPLBody
-    from jregfix.body.synthetic import make_smpl_like_model, write_released_style_pickle
     from jregfix.io.h36m import joints17_to_s24, save_h36m
+    from jregfix.io.smpl_write import write_released_style_pickle
+    from jregfix.synthetic.body import make_smpl_like_model
 
     torch.set_num_threads(2)
     model = make_smpl_like_model(0)
@@ -164,15 +177,30 @@ def prepare_cli(root: str, frames: int, queue) -> None:
     betas = rng.normal(size=(frames, 10)).astype(np.float32)
     template = body.template.double().numpy()
     w = planted_regressor(template)
-    joints = np.concatenate([
-        np.einsum("kv,nvd->nkd", w, batch_vertices(body, torch.from_numpy(pose[s:s + 1000]),
-                                                   torch.from_numpy(betas[s:s + 1000])).numpy())
-        for s in range(0, frames, 1000)])
+    joints = np.concatenate(
+        [
+            np.einsum(
+                "kv,nvd->nkd",
+                w,
+                batch_vertices(
+                    body,
+                    torch.from_numpy(pose[s : s + 1000]),
+                    torch.from_numpy(betas[s : s + 1000]),
+                ).numpy(),
+            )
+            for s in range(0, frames, 1000)
+        ]
+    )
     joints += rng.normal(scale=0.005, size=joints.shape)
     subjects = np.array(["S1", "S5", "S6", "S7", "S8"])[np.arange(frames) * 5 // frames]
     imgname = [f"images/{s}_Walking_1.54138969_{i + 1:06d}.jpg" for i, s in enumerate(subjects)]
-    save_h36m(os.path.join(root, "gt.npz"), imgname, np.full((frames, 2), 500.0),
-              np.ones(frames), joints17_to_s24(joints))
+    save_h36m(
+        os.path.join(root, "gt.npz"),
+        imgname,
+        np.full((frames, 2), 500.0),
+        np.ones(frames),
+        joints17_to_s24(joints),
+    )
     np.savez(os.path.join(root, "params.npz"), pose=pose, betas=betas, imgname=imgname)
     queue.put({})
 
@@ -184,18 +212,34 @@ def run_cli(root: str, queue) -> None:
     from jregfix.cli.app import main
 
     out = os.path.join(root, "J.npy")
-    args = ["fit-regressor", "--params", os.path.join(root, "params.npz"), "--gt",
-            os.path.join(root, "gt.npz"), "--smpl", os.path.join(root, "SMPL_NEUTRAL.pkl"),
-            "--out", out]
+    args = [
+        "fit-regressor",
+        "--params",
+        os.path.join(root, "params.npz"),
+        "--gt",
+        os.path.join(root, "gt.npz"),
+        "--smpl",
+        os.path.join(root, "SMPL_NEUTRAL.pkl"),
+        "--out",
+        out,
+    ]
     rss_before = _reset_peak()
     t0 = time.perf_counter()
     code = main(args)
     total = time.perf_counter() - t0
     with open(out + ".json") as f:
         res = json.load(f)["result"]
-    queue.put({"code": code, "total_s": total, "rss_before_mb": rss_before,
-               "peak_rss_mb": _peak_mb(), "certification": res["certification"],
-               "kkt_global": res["kkt_global_relative_max"], "frames": res["frames"]})
+    queue.put(
+        {
+            "code": code,
+            "total_s": total,
+            "rss_before_mb": rss_before,
+            "peak_rss_mb": _peak_mb(),
+            "certification": res["certification"],
+            "kkt_global": res["kkt_global_relative_max"],
+            "frames": res["frames"],
+        }
+    )
 
 
 def run_dense(path: str, frames: int, queue) -> None:
@@ -210,8 +254,14 @@ def run_dense(path: str, frames: int, queue) -> None:
     for j in range(17):
         x = np.append(joints[:, j].reshape(-1), np.sqrt(lam))
         scipy.optimize.nnls(a, x, maxiter=100_000)
-    queue.put({"total_s": time.perf_counter() - t0, "rss_before_mb": rss_before,
-               "peak_rss_mb": _peak_mb(), "matrix_mb": a.nbytes / 2**20})
+    queue.put(
+        {
+            "total_s": time.perf_counter() - t0,
+            "rss_before_mb": rss_before,
+            "peak_rss_mb": _peak_mb(),
+            "matrix_mb": a.nbytes / 2**20,
+        }
+    )
 
 
 def measure(target, *args) -> dict:
@@ -229,8 +279,12 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50_000)
     parser.add_argument("--dense-frames", type=int, default=2_000)
     parser.add_argument("--pool", type=int, default=2_000)
-    parser.add_argument("--cli-frames", type=int, default=None,
-                        help="frames for the CLI run (default: --frames; 0 skips it)")
+    parser.add_argument(
+        "--cli-frames",
+        type=int,
+        default=None,
+        help="frames for the CLI run (default: --frames; 0 skips it)",
+    )
     args = parser.parse_args()
     cli_frames = args.frames if args.cli_frames is None else args.cli_frames
     print(f"load before: {os.getloadavg()} on {os.cpu_count()} CPUs")
@@ -256,55 +310,77 @@ def extrapolate(old: dict, new: dict, frames: int, target: int) -> str:
     t_old, t_new = old["time_s"], new["time_s"]
     passes = new["certification_time_s"]["passes"]
     at_old = t_old["support"] + grow * t_old["accumulate"] + t_old["solve_and_certify"]
-    at_new = (t_new["support"] + grow * (t_new["accumulate"] + passes)
-              + t_new["solve_and_certify"] - passes)
+    at_new = (
+        t_new["support"]
+        + grow * (t_new["accumulate"] + passes)
+        + t_new["solve_and_certify"]
+        - passes
+    )
     count = new["certification"]["passes"]
-    return (f"extrapolated to N={target}: support-only ~{at_old:.0f} s, certified ~{at_new:.0f} "
-            f"s ({count} passes of ~{grow * passes / max(1, count):.0f} s): "
-            f"{at_new / at_old:.2f}x")
+    return (
+        f"extrapolated to N={target}: support-only ~{at_old:.0f} s, certified ~{at_new:.0f} "
+        f"s ({count} passes of ~{grow * passes / max(1, count):.0f} s): "
+        f"{at_new / at_old:.2f}x"
+    )
 
 
 def report(args, pose_s: float, old: dict, new: dict, dense: dict, cli: dict | None) -> None:
     for name, ours in (("support-only", old), ("certified", new)):
         t = ours["time_s"]
-        print(f"ours {name:12s} N={args.frames}: {ours['total_s']:.1f} s (support/pilot "
-              f"{t['support']:.1f}, accumulate {t['accumulate']:.1f}, solve and certify "
-              f"{t['solve_and_certify']:.1f}; of the total, {ours['stream_s']:.1f} s producing "
-              f"meshes); peak RSS {ours['peak_rss_mb']:.0f} MB ({ours['rss_before_mb']:.0f} MB "
-              "resident when the fit started: python, torch, mesh pool)")
+        print(
+            f"ours {name:12s} N={args.frames}: {ours['total_s']:.1f} s (support/pilot "
+            f"{t['support']:.1f}, accumulate {t['accumulate']:.1f}, solve and certify "
+            f"{t['solve_and_certify']:.1f}; of the total, {ours['stream_s']:.1f} s producing "
+            f"meshes); peak RSS {ours['peak_rss_mb']:.0f} MB ({ours['rss_before_mb']:.0f} MB "
+            "resident when the fit started: python, torch, mesh pool)"
+        )
         cert = ours["certification"]
         kkt = "n/a" if ours["kkt_global"] is None else f"{ours['kkt_global']:.1e}"
-        print(f"       union {ours['union']} vertices, {ours['iterations']} active-set "
-              f"iterations, KKT rel on the candidates {ours['kkt_relative_max']:.1e}, over all "
-              f"V {kkt}; {cert['passes']} certification passes, {cert['rounds']} rounds adding "
-              f"{cert['vertices_added_per_round']} vertices; objective {ours['objective']:.9g}, "
-              f"RMS {ours['rms_mm']:.3f} mm (noise floor 5 mm * sqrt(3 * 16 / 17) = "
-              f"{5 * np.sqrt(3 * 16 / 17):.2f} mm)")
+        print(
+            f"       union {ours['union']} vertices, {ours['iterations']} active-set "
+            f"iterations, KKT rel on the candidates {ours['kkt_relative_max']:.1e}, over all "
+            f"V {kkt}; {cert['passes']} certification passes, {cert['rounds']} rounds adding "
+            f"{cert['vertices_added_per_round']} vertices; objective {ours['objective']:.9g}, "
+            f"RMS {ours['rms_mm']:.3f} mm (noise floor 5 mm * sqrt(3 * 16 / 17) = "
+            f"{5 * np.sqrt(3 * 16 / 17):.2f} mm)"
+        )
     fit_only = (new["total_s"] - new["stream_s"]) / (old["total_s"] - old["stream_s"])
-    print(f"certified / support-only: time {new['total_s'] / old['total_s']:.2f}x (budget "
-          f"1.5x), {fit_only:.2f}x without producing meshes; peak RSS "
-          f"{new['peak_rss_mb']:.0f} MB vs {old['peak_rss_mb']:.0f} MB (budget 2048 MB)")
+    print(
+        f"certified / support-only: time {new['total_s'] / old['total_s']:.2f}x (budget "
+        f"1.5x), {fit_only:.2f}x without producing meshes; peak RSS "
+        f"{new['peak_rss_mb']:.0f} MB vs {old['peak_rss_mb']:.0f} MB (budget 2048 MB)"
+    )
     print(extrapolate(old, new, args.frames, 50_000))
     per_mesh = pose_s / args.pool
-    print(f"posing meshes (not included): {per_mesh * 1e3:.2f} ms/frame -> "
-          f"{per_mesh * args.frames:.0f} s for {args.frames} frames")
+    print(
+        f"posing meshes (not included): {per_mesh * 1e3:.2f} ms/frame -> "
+        f"{per_mesh * args.frames:.0f} s for {args.frames} frames"
+    )
     if cli is not None:
         kkt = "n/a" if cli["kkt_global"] is None else f"{cli['kkt_global']:.1e}"
-        print(f"cli    N={cli['frames']} (jregfix fit-regressor, SMPL posed from params): exit "
-              f"{cli['code']}, {cli['total_s']:.1f} s, peak RSS {cli['peak_rss_mb']:.0f} MB "
-              f"({cli['rss_before_mb']:.0f} MB resident at its start); KKT over all V {kkt}, "
-              f"{cli['certification']['passes']} certification passes")
+        print(
+            f"cli    N={cli['frames']} (jregfix fit-regressor, SMPL posed from params): exit "
+            f"{cli['code']}, {cli['total_s']:.1f} s, peak RSS {cli['peak_rss_mb']:.0f} MB "
+            f"({cli['rss_before_mb']:.0f} MB resident at its start); KKT over all V {kkt}, "
+            f"{cli['certification']['passes']} certification passes"
+        )
 
     scale = args.frames / args.dense_frames
     dense_mb_full = dense["matrix_mb"] * scale
-    print(f"dense  N={args.dense_frames}: {dense['total_s']:.1f} s for 17 joints; stacked matrix "
-          f"{dense['matrix_mb']:.0f} MB, peak RSS {dense['peak_rss_mb']:.0f} MB "
-          f"({dense['rss_before_mb']:.0f} MB resident at its start)")
+    print(
+        f"dense  N={args.dense_frames}: {dense['total_s']:.1f} s for 17 joints; stacked matrix "
+        f"{dense['matrix_mb']:.0f} MB, peak RSS {dense['peak_rss_mb']:.0f} MB "
+        f"({dense['rss_before_mb']:.0f} MB resident at its start)"
+    )
     max_n = int(2 * 1024 / (dense["matrix_mb"] / args.dense_frames))
-    print(f"dense  at N={args.frames}: matrix {dense_mb_full / 1024:.1f} GB (> 2 GB beyond "
-          f"N~{max_n}); extrapolated time {dense['total_s'] * scale:.0f} s")
-    print(f"ratio (dense extrapolated / ours certified) at N={args.frames}: "
-          f"{dense['total_s'] * scale / new['total_s']:.1f}x")
+    print(
+        f"dense  at N={args.frames}: matrix {dense_mb_full / 1024:.1f} GB (> 2 GB beyond "
+        f"N~{max_n}); extrapolated time {dense['total_s'] * scale:.0f} s"
+    )
+    print(
+        f"ratio (dense extrapolated / ours certified) at N={args.frames}: "
+        f"{dense['total_s'] * scale / new['total_s']:.1f}x"
+    )
     print(f"load after: {os.getloadavg()}")
 
 

@@ -2,13 +2,14 @@
 
 Forward + backward of sum(w * A) (random w) at 224^2, batch 16, for an SMPL-size closed mesh
 (6890 vertices / 13776 faces) and an Anny-size one (13718 / 27432; Anny itself has 27420 faces
-and is not closed), plus the chamfer loss and the hard silhouette. The dense reference (every
-pixel against every face, autograd) runs at the largest size that fits its memory budget; ours
-runs at the same size for the ratio. Each measurement runs in a fresh subprocess so that the
-reported peak memory (max RSS growth during the timed calls) is its own. The ``gpu-counts``
-method runs one forward + backward with ``device="cuda"`` under the test suite's device tracker
-(on the CPU) and reports the kernel launches and host syncs a GPU would see; time that on a
-GPU with benchmarks/bench_gpu.py.
+and is not closed), plus the chamfer loss and the hard silhouette. Each renderer runs on both
+CPU backends side by side: ``*_torch`` (the PyTorch pair list, also the GPU path) and
+``*_numba`` (the compiled kernels, the CPU default), with their ratio. The dense reference
+(every pixel against every face, autograd) runs at the largest size that fits its memory
+budget; ours runs at the same size for the ratio. Each measurement runs in a fresh subprocess
+so that the reported peak memory (max RSS growth during the timed calls) is its own. GPU
+timings: benchmarks/bench_gpu.py on a CUDA machine (kernel launches and host syncs are counted
+by the tests' device tracker, tests/test_render_device.py).
 
     .venv/bin/python benchmarks/bench_render.py [--threads 2] [--batch 16] [--repeats 3]
 """
@@ -56,37 +57,28 @@ def dense_soft(vertices, faces, camera, size, cam_t, sigma):
 def scene(mesh, batch, size):
     import torch
 
-    from jregfix.body.synthetic import body_blob
-    from jregfix.geometry.camera import PinholeCamera, weak_to_cam_t
+    from jregfix.geometry.camera import PinholeCamera, spin_focal, weak_to_cam_t
+    from jregfix.synthetic.body import body_blob
 
     v, f = body_blob(*MESHES[mesh])
     gen = torch.Generator().manual_seed(0)
     ang = torch.rand(batch, generator=gen) * 2 * math.pi
     c, s, z, o = ang.cos(), ang.sin(), torch.zeros(batch), torch.ones(batch)
-    rot = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, o, z], -1),
-                       torch.stack([-s, z, c], -1)], 1)
+    rot = torch.stack(
+        [torch.stack([c, z, s], -1), torch.stack([z, o, z], -1), torch.stack([-s, z, c], -1)], 1
+    )
     verts = v[None] @ rot.transpose(1, 2)
-    weak = torch.stack([0.9 + 0.1 * torch.rand(batch, generator=gen),
-                        0.05 * torch.randn(batch, generator=gen),
-                        0.05 * torch.randn(batch, generator=gen)], -1)
+    weak = torch.stack(
+        [
+            0.9 + 0.1 * torch.rand(batch, generator=gen),
+            0.05 * torch.randn(batch, generator=gen),
+            0.05 * torch.randn(batch, generator=gen),
+        ],
+        -1,
+    )
     # The 224 SPIN camera, scaled to the image size (same framing at any resolution).
-    cam = PinholeCamera.spin_crop(batch, focal=5000.0 * size / 224, res=size)
+    cam = PinholeCamera.spin_crop(batch, focal=spin_focal(size), res=size)
     return verts, f, cam, weak_to_cam_t(weak)
-
-
-def gpu_counts(verts, f, cam, cam_t, size, weight):
-    """Launches and host syncs of one soft forward + backward on a (tracked) GPU."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from jregfix.render import soft_silhouette
-    from tests.device_tracker import DeviceTracker
-
-    with DeviceTracker() as t:
-        vv = verts.cuda().requires_grad_(True)
-        args = (f.cuda(), cam.to("cuda"), size, cam_t.cuda())
-        weight = weight.cuda()
-        t.reset()
-        (soft_silhouette(vv, *args) * weight).sum().backward()
-    print(json.dumps({"launches": t.launches, "syncs": t.syncs}))
 
 
 def worker(cfg):
@@ -99,22 +91,24 @@ def worker(cfg):
     size, method = cfg["size"], cfg["method"]
     target = hard_silhouette(verts, f, cam, size, cam_t + torch.tensor([0.02, 0.01, 0.5]))
     weight = torch.rand(cfg["batch"], size, size, generator=torch.Generator().manual_seed(1))
-    if method == "gpu-counts":
-        gpu_counts(verts, f, cam, cam_t, size, weight)
-        return
+
+    kind, _, backend = method.rpartition("_")  # e.g. "ours_exact", "torch"
 
     def step():
         vv = verts.clone().requires_grad_(True)
-        if method == "hard":
-            hard_silhouette(vv, f, cam, size, cam_t)
+        if kind == "hard":
+            hard_silhouette(vv, f, cam, size, cam_t, backend=backend)
             return
         if method == "chamfer":
             loss = chamfer_silhouette_loss(vv, f, cam, target, cam_t).sum()
         elif method == "dense":
             loss = (dense_soft(vv, f, cam, size, cam_t, 1.0) * weight).sum()
         else:
-            interior = "soft" if method == "ours_exact" else "hard"
-            loss = (soft_silhouette(vv, f, cam, size, cam_t, interior=interior) * weight).sum()
+            interior = "soft" if kind == "ours_exact" else "hard"
+            loss = (
+                soft_silhouette(vv, f, cam, size, cam_t, interior=interior, backend=backend)
+                * weight
+            ).sum()
         loss.backward()
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -129,8 +123,12 @@ def worker(cfg):
 
 
 def run(cfg):
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -151,36 +149,50 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-budget-mb", type=float, default=3000)
     ap.add_argument("--meshes", default="smpl,anny")
-    ap.add_argument("--methods", default="ours,ours_exact,chamfer,hard,gpu-counts")
+    ap.add_argument(
+        "--methods",
+        default="ours_torch,ours_numba,ours_exact_torch,"
+        "ours_exact_numba,chamfer,hard_torch,hard_numba",
+    )
     args = ap.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
-    print(f"threads={args.threads} batch={args.batch} size={args.size} "
-          f"load average={os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}) "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(
+        f"threads={args.threads} batch={args.batch} size={args.size} "
+        f"load average={os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}) "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
     base = {"threads": args.threads, "repeats": args.repeats}
     for mesh in args.meshes.split(","):
         rings, segs = MESHES[mesh]
         nf = 2 * rings * segs
         print(f"\n{mesh}-size mesh: {rings * segs + 2} vertices, {nf} faces")
+        times = {}
         for method in args.methods.split(","):
-            r = run({**base, "mesh": mesh, "batch": args.batch, "size": args.size,
-                     "method": method})
-            if method == "gpu-counts":
-                print(f"  ours on a GPU (tracked) {args.size}^2 x{args.batch}: {r['launches']} "
-                      f"launches ({1000 * r['launches'] / nf:.0f} per 1000 faces), "
-                      f"{r['syncs']} host syncs per forward + backward")
-                continue
-            print(f"  {method:11s} {args.size}^2 x{args.batch}: {r['ms_per_image']:8.1f} ms/image"
-                  f"  peak +{r['peak_mb']:7.1f} MB")
+            r = run(
+                {**base, "mesh": mesh, "batch": args.batch, "size": args.size, "method": method}
+            )
+            times[method] = r["ms_per_image"]
+            print(
+                f"  {method:16s} {args.size}^2 x{args.batch}: {r['ms_per_image']:8.1f} "
+                f"ms/image  peak +{r['peak_mb']:7.1f} MB"
+            )
+            old = times.get(method.removesuffix("_numba") + "_torch")
+            if method.endswith("_numba") and old is not None:
+                print(f"  {'':16s} numba vs torch: {old / r['ms_per_image']:.1f}x faster")
         size = dense_size(1, nf, args.dense_budget_mb)
         dense = run({**base, "mesh": mesh, "batch": 1, "size": size, "method": "dense"})
-        ours = run({**base, "mesh": mesh, "batch": 1, "size": size, "method": "ours_exact"})
-        print(f"  dense vs ours (exact interior) at {size}^2 x1: dense "
-              f"{dense['ms_per_image']:.1f} ms, +{dense['peak_mb']:.0f} MB; ours "
-              f"{ours['ms_per_image']:.1f} ms, +{ours['peak_mb']:.0f} MB; speed-up "
-              f"{dense['ms_per_image'] / ours['ms_per_image']:.1f}x")
+        for backend in ("torch", "numba"):
+            ours = run(
+                {**base, "mesh": mesh, "batch": 1, "size": size, "method": f"ours_exact_{backend}"}
+            )
+            print(
+                f"  dense vs ours_exact_{backend} at {size}^2 x1: dense "
+                f"{dense['ms_per_image']:.1f} ms, +{dense['peak_mb']:.0f} MB; ours "
+                f"{ours['ms_per_image']:.1f} ms, +{ours['peak_mb']:.0f} MB; speed-up "
+                f"{dense['ms_per_image'] / ours['ms_per_image']:.1f}x"
+            )
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_h36m import write_fake_h36m  # noqa: E402
+from fake_h36m import write_fake_h36m
 
 
 def timed(fn):
@@ -44,8 +44,7 @@ def breakdown(model, image: np.ndarray) -> dict[str, float]:
 
         def box_stage():
             f = heads.box_head(heads.box_roi_pool(features, props, batch.image_sizes))
-            return heads.postprocess_detections(*heads.box_predictor(f), props,
-                                                batch.image_sizes)
+            return heads.postprocess_detections(*heads.box_predictor(f), props, batch.image_sizes)
 
         (boxes, scores, labels), times["box head + NMS"] = timed(box_stage)
         for k in (1, 10):
@@ -58,11 +57,14 @@ def breakdown(model, image: np.ndarray) -> dict[str, float]:
             probs, times[f"mask head, K={k}"] = timed(mask_stage)
             det = [{"boxes": b[0], "scores": scores[0][:k], "labels": lab[0], "masks": probs[0]}]
             out, times[f"paste masks to full image, K={k}"] = timed(
-                lambda det=det: model.transform.postprocess(det, batch.image_sizes,
-                                                            [image.shape[:2]]))
+                lambda det=det: model.transform.postprocess(
+                    det, batch.image_sizes, [image.shape[:2]]
+                )
+            )
         mask = out[0]["masks"][0, 0].numpy()
         _, times["crop map + threshold + pack (1 mask)"] = timed(
-            lambda: pack_masks((crop_map(mask, np.array([500.0, 500.0]), 4.0) > 0.5)[None]))
+            lambda: pack_masks((crop_map(mask, np.array([500.0, 500.0]), 4.0) > 0.5)[None])
+        )
     return times
 
 
@@ -93,14 +95,18 @@ def main(n: int = 4, batch: int = 2) -> None:
             counts.extend(len(d["scores"]) for d in dets)
             return dets
 
-        cfg = SilhouetteConfig(backend="random", score_threshold=0.0, min_iou=0.0,
-                               batch_size=batch, force=True)
-        _, total = timed(lambda: run_silhouettes(tmp / "gt.npz", tmp, tmp / "s.npz", cfg,
-                                                 detector=detector))
+        cfg = SilhouetteConfig(
+            backend="random", score_threshold=0.0, min_iou=0.0, batch_size=batch, force=True
+        )
+        _, total = timed(
+            lambda: run_silhouettes(tmp / "gt.npz", tmp, tmp / "s.npz", cfg, detector=detector)
+        )
     print(f"load (uptime): {os.getloadavg()}; torch threads {torch.get_num_threads()}")
-    print(f"stage end to end: {n / total:.3f} images/s ({total:.1f} s for {n} images, batch "
-          f"{batch}; random weights gave {np.mean(counts):.0f} person detections per image, "
-          "each masked, pasted and cropped)")
+    print(
+        f"stage end to end: {n / total:.3f} images/s ({total:.1f} s for {n} images, batch "
+        f"{batch}; random weights gave {np.mean(counts):.0f} person detections per image, "
+        "each masked, pasted and cropped)"
+    )
     print(f"per image, one at a time: JPEG decode {t_read * 1000:.0f} ms")
     for name, sec in parts.items():
         print(f"  {name:40s} {sec * 1000:8.0f} ms")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_h36m import write_fake_h36m  # noqa: E402
+from fake_h36m import write_fake_h36m
 
 
 def main(n: int = 48, batch: int = 16) -> None:
@@ -32,8 +32,12 @@ def main(n: int = 48, batch: int = 16) -> None:
         tmp = Path(tmp)
         write_fake_h36m(tmp, n, rng)
         torch.save({"model": HMR().state_dict()}, tmp / "ckpt.pt")
-        np.savez(tmp / "mean.npz", pose=np.zeros(144, np.float32), shape=np.zeros(10, np.float32),
-                 cam=np.array([0.9, 0, 0], np.float32))
+        np.savez(
+            tmp / "mean.npz",
+            pose=np.zeros(144, np.float32),
+            shape=np.zeros(10, np.float32),
+            cam=np.array([0.9, 0, 0], np.float32),
+        )
 
         net = resnet50(weights=None).eval()
         x = torch.randn(batch, 3, 224, 224)
@@ -61,12 +65,15 @@ def main(n: int = 48, batch: int = 16) -> None:
         after = bare_rate()  # the CPU is shared: measure the reference on both sides
     bare = (before + after) / 2
     stage = n / (total - setup)
-    print(f"load (uptime): {os.getloadavg()}; torch threads {torch.get_num_threads()}; "
-          f"{n} images, batch {batch}")
-    print(f"bare ResNet-50 forward: {bare:.2f} images/s (before {before:.2f}, after "
-          f"{after:.2f})")
-    print(f"spin stage: {n / total:.2f} images/s end to end ({total:.1f} s, of which model "
-          f"build + checkpoint load {setup:.1f} s); {stage:.2f} images/s without it")
+    print(
+        f"load (uptime): {os.getloadavg()}; torch threads {torch.get_num_threads()}; "
+        f"{n} images, batch {batch}"
+    )
+    print(f"bare ResNet-50 forward: {bare:.2f} images/s (before {before:.2f}, after {after:.2f})")
+    print(
+        f"spin stage: {n / total:.2f} images/s end to end ({total:.1f} s, of which model "
+        f"build + checkpoint load {setup:.1f} s); {stage:.2f} images/s without it"
+    )
     print(f"ratio (stage without model build / bare): {stage / bare:.2f}  (target >= 0.8)")
 
 

@@ -15,7 +15,12 @@ def write_fake_h36m(root: Path, n: int, rng: np.random.Generator) -> list[str]:
     for name in names:
         small = rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)
         Image.fromarray(small).resize((1000, 1002), Image.Resampling.BICUBIC).save(
-            root / name, quality=90)
-    np.savez(root / "gt.npz", imgname=np.array(names),
-             center=rng.uniform(400, 600, (n, 2)), scale=rng.uniform(3.0, 4.5, n))
+            root / name, quality=90
+        )
+    np.savez(
+        root / "gt.npz",
+        imgname=np.array(names),
+        center=rng.uniform(400, 600, (n, 2)),
+        scale=rng.uniform(3.0, 4.5, n),
+    )
     return names

@@ -39,8 +39,9 @@ _SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 F = TypeVar("F", bound=Callable)
 
 
-def resolve_device(requested: str | torch.device, local_rank: int | None = None,
-                   option: str = "--device") -> torch.device:
+def resolve_device(
+    requested: str | torch.device, local_rank: int | None = None, option: str = "--device"
+) -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch.device, or a one-line error.
 
     ``local_rank``: this process's GPU in a torchrun job (see :func:`jregfix.distributed.
@@ -52,21 +53,27 @@ def resolve_device(requested: str | torch.device, local_rank: int | None = None,
     if not _SPEC.fullmatch(text):
         raise JregfixError(f"{option} {text!r} is not a device; use {DEVICE_HELP}")
     if local_rank is not None and text.startswith("cuda:"):
-        raise JregfixError(f"{option} {text}: under torchrun every process uses the GPU of its "
-                           "LOCAL_RANK; pass cuda (or auto), and choose GPUs with "
-                           "CUDA_VISIBLE_DEVICES")
+        raise JregfixError(
+            f"{option} {text}: under torchrun every process uses the GPU of its "
+            "LOCAL_RANK; pass cuda (or auto), and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
     available = torch.cuda.is_available()
     if text == "cpu" or (text == "auto" and not available):
         return torch.device("cpu")
     if not available:
-        raise JregfixError(f"{option} {text}: CUDA is not available here (no NVIDIA driver or "
-                           "GPU, or a CPU-only torch build); use cpu or auto")
+        raise JregfixError(
+            f"{option} {text}: CUDA is not available here (no NVIDIA driver or "
+            "GPU, or a CPU-only torch build); use cpu or auto"
+        )
     if text.startswith("cuda:"):
         index = int(text[5:])
         count = torch.cuda.device_count()
         if index >= count:
-            raise JregfixError(f"{option} {text}: only {count} GPU(s) visible (cuda:0.."
-                               f"cuda:{count - 1}); check CUDA_VISIBLE_DEVICES")
+            raise JregfixError(
+                f"{option} {text}: only {count} GPU(s) visible (cuda:0.."
+                f"cuda:{count - 1}); check CUDA_VISIBLE_DEVICES"
+            )
         return torch.device("cuda", index)
     return torch.device("cuda", 0 if local_rank is None else local_rank)
 
@@ -82,10 +89,14 @@ def _fp32_flags() -> dict[str, object]:
     the older ``allow_tf32`` flags (mixing the two APIs is an error in new torch)."""
     conv = getattr(torch.backends.cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
-        return {"cudnn.conv.fp32_precision": conv.fp32_precision,
-                "cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision}
-    return {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+        return {
+            "cudnn.conv.fp32_precision": conv.fp32_precision,
+            "cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        }
+    return {
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def _set_fp32_flags(flags: dict[str, object]) -> None:
@@ -107,8 +118,10 @@ def numerics(device: torch.device, deterministic: bool = True) -> Iterator[None]
         yield
         return
     before_flags = _fp32_flags()
-    before_det = (torch.are_deterministic_algorithms_enabled(),
-                  torch.is_deterministic_algorithms_warn_only_enabled())
+    before_det = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     if deterministic:
         ensure_cublas_workspace()
         torch.use_deterministic_algorithms(True)
@@ -122,15 +135,20 @@ def numerics(device: torch.device, deterministic: bool = True) -> Iterator[None]
 
 def numerics_record(device: torch.device) -> dict:
     """What decided this run's GPU numbers, for a manifest (call inside :func:`numerics`)."""
-    record = {"device_type": device.type}
+    record: dict[str, object] = {"device_type": device.type}
     if device.type != "cuda":
         return record
-    record |= {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-               "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-               **_fp32_flags(), "cuda": torch.version.cuda}
+    record |= {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        **_fp32_flags(),
+        "cuda": torch.version.cuda,
+    }
     if torch.cuda.is_available():
-        record |= {"gpu": torch.cuda.get_device_name(device),
-                   "cudnn": torch.backends.cudnn.version()}
+        record |= {
+            "gpu": torch.cuda.get_device_name(device),
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return record
 
 

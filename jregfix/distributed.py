@@ -164,8 +164,10 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         raise JregfixError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise JregfixError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
-                           "torchrun (see the README's 'Scaling out' section)")
+        raise JregfixError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
+            "torchrun (see the README's 'Scaling out' section)"
+        )
     backend = "nccl" if wants_cuda else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)

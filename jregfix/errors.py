@@ -17,9 +17,9 @@ class JregfixError(Exception):
     """An error the user can act on: bad input file, wrong shape, missing weights, ..."""
 
 
-def _first_line(text: str) -> str:
+def _first_line(text: object) -> str:
     line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
-    return line if len(line) <= MAX_CHARS else line[:MAX_CHARS - 3] + "..."
+    return line if len(line) <= MAX_CHARS else line[: MAX_CHARS - 3] + "..."
 
 
 def _os_error(exc: OSError) -> str:
@@ -46,8 +46,10 @@ def one_line(exc: BaseException) -> str:
         lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
         return "; ".join(lines)
     if isinstance(exc, MemoryError):
-        return ("out of memory: an input declares a size too large for this machine (or the "
-                f"batch is too big); check the inputs' shapes; {DEBUG_HINT}")
+        return (
+            "out of memory: an input declares a size too large for this machine (or the "
+            f"batch is too big); check the inputs' shapes; {DEBUG_HINT}"
+        )
     if isinstance(exc, OSError):
         return _os_error(exc)
     name = type(exc).__name__

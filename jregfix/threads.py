@@ -21,8 +21,11 @@ from collections.abc import Mapping
 import torch
 
 
-def default_threads(environ: Mapping[str, str] | None = None, cpus: int | None = None,
-                    torch_default: int | None = None) -> int:
+def default_threads(
+    environ: Mapping[str, str] | None = None,
+    cpus: int | None = None,
+    torch_default: int | None = None,
+) -> int:
     """The thread count for this process under the rules above (arguments: for testing)."""
     environ = os.environ if environ is None else environ
     given = environ.get("OMP_NUM_THREADS", "").strip()
@@ -32,8 +35,11 @@ def default_threads(environ: Mapping[str, str] | None = None, cpus: int | None =
     if local.isdigit() and int(local) > 1:
         return 1
     if cpus is None:
-        cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1)
+        cpus = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
     torch_default = torch.get_num_threads() if torch_default is None else torch_default
     return max(1, min(torch_default, cpus))
 

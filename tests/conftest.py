@@ -24,7 +24,7 @@ def shared_fixture(name: str) -> Path:
 @pytest.fixture(scope="session")
 def smpl_like_model() -> dict:
     """The synthetic SMPL-format model as a dict of arrays (6890 vertices, 13776 faces)."""
-    from jregfix.body.synthetic import make_smpl_like_model
+    from jregfix.synthetic.body import make_smpl_like_model
 
     return make_smpl_like_model(seed=0)
 
@@ -32,7 +32,7 @@ def smpl_like_model() -> dict:
 @pytest.fixture(scope="session")
 def smpl_pkl(smpl_like_model, tmp_path_factory) -> Path:
     """The synthetic model written the way the released SMPL pickles are."""
-    from jregfix.body.synthetic import write_released_style_pickle
+    from jregfix.io.smpl_write import write_released_style_pickle
 
     path = tmp_path_factory.mktemp("smpl") / "SMPL_NEUTRAL.pkl"
     write_released_style_pickle(path, smpl_like_model)
@@ -59,8 +59,9 @@ def camera_facing_poses(rng: np.random.Generator, n: int, scale: float) -> np.nd
     return aa
 
 
-def planted_regressor(rng: np.random.Generator, support: int, num_vertices: int = 6890
-                      ) -> np.ndarray:
+def planted_regressor(
+    rng: np.random.Generator, support: int, num_vertices: int = 6890
+) -> np.ndarray:
     """(17, V) non-negative regressor, rows on the simplex over ``support`` random vertices."""
     j = np.zeros((17, num_vertices))
     for row in range(17):

@@ -52,7 +52,7 @@ import types
 import weakref
 
 import torch
-import torch._dynamo  # noqa: F401 - imported lazily otherwise, and it scans torch.cuda (patched)
+import torch._dynamo
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
@@ -74,32 +74,59 @@ class HostReadError(DeviceTrackerError):
 
 # Ops whose output size depends on the values: CUDA must copy a count back to the host.
 _SHAPE_SYNC = {
-    aten.nonzero.default, aten.nonzero_numpy.default, aten.masked_select.default,
-    aten._unique.default, aten._unique2.default, aten.unique_dim.default,
-    aten.unique_consecutive.default, aten.unique_dim_consecutive.default,
+    aten.nonzero.default,
+    aten.nonzero_numpy.default,
+    aten.masked_select.default,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim_consecutive.default,
     aten.bincount.default,
 }
 # Ops returning a Python value computed from device data.
 _READ_SYNC = {aten._local_scalar_dense.default, aten.equal.default}
 # Ops that allocate or alias without running a kernel.
 _NO_KERNEL = {
-    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
-    aten.new_empty.default, aten.new_empty_strided.default, aten.lift_fresh.default,
-    aten.detach.default, aten.set_.source_Storage_storage_offset, aten.resize_.default,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+    aten.lift_fresh.default,
+    aten.detach.default,
+    aten.set_.source_Storage_storage_offset,
+    aten.resize_.default,
 }
 # Ops that raise on CUDA under torch.use_deterministic_algorithms(True) (torch's docs).
 _NONDETERMINISTIC_ON_CUDA = {
-    "aten::histc", "aten::put_", "aten::put", "aten::median.dim", "aten::nanmedian.dim",
-    "aten::avg_pool3d_backward", "aten::_adaptive_avg_pool2d_backward",
-    "aten::_adaptive_avg_pool3d_backward", "aten::adaptive_max_pool2d_backward",
-    "aten::adaptive_max_pool3d_backward", "aten::fractional_max_pool2d_backward",
-    "aten::fractional_max_pool3d_backward", "aten::max_unpool2d", "aten::max_unpool3d",
-    "aten::upsample_linear1d_backward", "aten::upsample_bilinear2d_backward",
-    "aten::upsample_bicubic2d_backward", "aten::upsample_trilinear3d_backward",
-    "aten::reflection_pad1d_backward", "aten::reflection_pad2d_backward",
-    "aten::reflection_pad3d_backward", "aten::nll_loss2d_forward", "aten::nll_loss_forward",
-    "aten::grid_sampler_2d_backward", "aten::grid_sampler_3d_backward",
-    "aten::_ctc_loss_backward", "aten::embedding_bag_backward",
+    "aten::histc",
+    "aten::put_",
+    "aten::put",
+    "aten::median.dim",
+    "aten::nanmedian.dim",
+    "aten::avg_pool3d_backward",
+    "aten::_adaptive_avg_pool2d_backward",
+    "aten::_adaptive_avg_pool3d_backward",
+    "aten::adaptive_max_pool2d_backward",
+    "aten::adaptive_max_pool3d_backward",
+    "aten::fractional_max_pool2d_backward",
+    "aten::fractional_max_pool3d_backward",
+    "aten::max_unpool2d",
+    "aten::max_unpool3d",
+    "aten::upsample_linear1d_backward",
+    "aten::upsample_bilinear2d_backward",
+    "aten::upsample_bicubic2d_backward",
+    "aten::upsample_trilinear3d_backward",
+    "aten::reflection_pad1d_backward",
+    "aten::reflection_pad2d_backward",
+    "aten::reflection_pad3d_backward",
+    "aten::nll_loss2d_forward",
+    "aten::nll_loss_forward",
+    "aten::grid_sampler_2d_backward",
+    "aten::grid_sampler_3d_backward",
+    "aten::_ctc_loss_backward",
+    "aten::embedding_bag_backward",
 }
 # Factories whose data comes from the host (a copy to the device).
 _UPLOADING = {"tensor", "as_tensor", "asarray", "new_tensor", "scalar_tensor"}
@@ -159,8 +186,10 @@ class DeviceTracker:
         """A readable digest of the counters, for assertion messages."""
         kinds = collections.Counter(kind for kind, _ in self.sync_log)
         reasons = collections.Counter(self.sync_log).most_common(top)
-        return (f"{self.launches} launches, {self.syncs} syncs {dict(kinds)}; top syncs "
-                f"{reasons}; top ops {self.ops.most_common(top)}")
+        return (
+            f"{self.launches} launches, {self.syncs} syncs {dict(kinds)}; top syncs "
+            f"{reasons}; top ops {self.ops.most_common(top)}"
+        )
 
     # -- tagging -----------------------------------------------------------------------------
     def _tag(self, t: torch.Tensor, index: int) -> torch.Tensor:
@@ -217,8 +246,10 @@ class DeviceTracker:
                 self.index = _cuda_index(device, tracker.current)
 
             def __enter__(self):
-                self.prev, tracker.current = tracker.current, (
-                    tracker.current if self.index is None or self.index < 0 else self.index)
+                self.prev, tracker.current = (
+                    tracker.current,
+                    (tracker.current if self.index is None or self.index < 0 else self.index),
+                )
 
             def __exit__(self, *exc):
                 tracker.current = self.prev
@@ -232,35 +263,56 @@ class DeviceTracker:
         def synchronize(device=None):
             self._sync("read", "torch.cuda.synchronize")
 
-        props = types.SimpleNamespace(name="tracked GPU", total_memory=16 << 30, major=8,
-                                      minor=0, multi_processor_count=80)
+        props = types.SimpleNamespace(
+            name="tracked GPU", total_memory=16 << 30, major=8, minor=0, multi_processor_count=80
+        )
         zero, nothing = (lambda *a, **k: 0), (lambda *a, **k: None)
-        stream = types.SimpleNamespace(is_capturing=lambda: False, query=lambda: True,
-                                       synchronize=synchronize, wait_stream=nothing)
+        stream = types.SimpleNamespace(
+            is_capturing=lambda: False,
+            query=lambda: True,
+            synchronize=synchronize,
+            wait_stream=nothing,
+        )
         cuda = {
-            "is_available": lambda: True, "device_count": lambda: self.device_count,
-            "current_device": lambda: self.current, "set_device": set_device,
-            "device": _Device, "synchronize": synchronize, "is_initialized": lambda: True,
-            "init": nothing, "manual_seed": nothing, "manual_seed_all": nothing,
-            "seed": nothing, "seed_all": nothing, "empty_cache": nothing,
+            "is_available": lambda: True,
+            "device_count": lambda: self.device_count,
+            "current_device": lambda: self.current,
+            "set_device": set_device,
+            "device": _Device,
+            "synchronize": synchronize,
+            "is_initialized": lambda: True,
+            "init": nothing,
+            "manual_seed": nothing,
+            "manual_seed_all": nothing,
+            "seed": nothing,
+            "seed_all": nothing,
+            "empty_cache": nothing,
             "get_device_name": lambda *a, **k: props.name,
             "get_device_properties": lambda *a, **k: props,
             "get_device_capability": lambda *a, **k: (props.major, props.minor),
-            "memory_allocated": zero, "max_memory_allocated": zero, "memory_reserved": zero,
-            "max_memory_reserved": zero, "reset_peak_memory_stats": nothing,
-            "reset_accumulated_memory_stats": nothing, "memory_stats": lambda *a, **k: {},
+            "memory_allocated": zero,
+            "max_memory_allocated": zero,
+            "memory_reserved": zero,
+            "max_memory_reserved": zero,
+            "reset_peak_memory_stats": nothing,
+            "reset_accumulated_memory_stats": nothing,
+            "memory_stats": lambda *a, **k: {},
             "mem_get_info": lambda *a, **k: (props.total_memory, props.total_memory),
             "is_bf16_supported": lambda *a, **k: True,
-            "current_stream": lambda *a, **k: stream, "default_stream": lambda *a, **k: stream,
+            "current_stream": lambda *a, **k: stream,
+            "default_stream": lambda *a, **k: stream,
             "is_current_stream_capturing": lambda: False,
         }
         accelerator = {
-            "is_available": lambda: True, "device_count": lambda: self.device_count,
+            "is_available": lambda: True,
+            "device_count": lambda: self.device_count,
             "current_accelerator": lambda *a, **k: torch.device("cuda"),
             "current_device_index": lambda: self.current,
             "current_device_idx": lambda: self.current,
-            "set_device_index": set_device, "set_device_idx": set_device,
-            "synchronize": synchronize, "empty_cache": nothing,
+            "set_device_index": set_device,
+            "set_device_idx": set_device,
+            "synchronize": synchronize,
+            "empty_cache": nothing,
             "current_stream": lambda *a, **k: stream,
         }
         pin = torch.utils.data._utils.pin_memory
@@ -306,8 +358,12 @@ class _FunctionMode(TorchFunctionMode):
         if name == "get_device" and isinstance(first, torch.Tensor):
             return tagged if tagged is not None else -1
         if name in ("numpy", "__array__") and tagged is not None:
-            t._fail(HostReadError(f"Tensor.{name}() on a cuda:{tagged} tensor "
-                                  f"{tuple(first.shape)}: move it with .cpu() first"))
+            t._fail(
+                HostReadError(
+                    f"Tensor.{name}() on a cuda:{tagged} tensor "
+                    f"{tuple(first.shape)}: move it with .cpu() first"
+                )
+            )
         if name == "tolist" and tagged is not None:
             t._sync("read", "Tensor.tolist")
             return func(*args, **kwargs)
@@ -324,8 +380,9 @@ class _FunctionMode(TorchFunctionMode):
         if index is not None:  # a factory asked for a GPU tensor
             kwargs["device"] = "cpu"
             source = args[1] if name == "new_tensor" else first
-            if name in _UPLOADING and not (isinstance(source, torch.Tensor)
-                                           and t.device_of(source) == index):
+            if name in _UPLOADING and not (
+                isinstance(source, torch.Tensor) and t.device_of(source) == index
+            ):
                 t._sync("upload", f"torch.{name}(..., device=cuda)")
             t._factory, prev = index, t._factory
             try:
@@ -388,15 +445,19 @@ class _DispatchMode(TorchDispatchMode):
         index = t._factory if t._factory is not None else min(on_gpu, default=None)
         if index is None:
             return func(*args, **kwargs)
-        op = func._schema.name + ("." + func._overloadname if func._overloadname != "default"
-                                  else "")
+        op = func._schema.name + (
+            "." + func._overloadname if func._overloadname != "default" else ""
+        )
         if len(on_gpu) > 1:
             t._fail(DeviceMixError(f"{op} mixes tensors on cuda:{sorted(on_gpu)}"))
         cpu = [x for x, d in zip(tensors, devices, strict=True) if d is None and x.dim() > 0]
         if cpu:
-            if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
-                        aten._index_put_impl_.default) and all(
-                            not x.is_floating_point() for x in cpu):
+            if func in (
+                aten.index.Tensor,
+                aten.index_put_.default,
+                aten.index_put.default,
+                aten._index_put_impl_.default,
+            ) and all(not x.is_floating_point() for x in cpu):
                 t._sync("upload", f"{op} with CPU index tensors")
             elif func is aten.copy_.default:
                 dst_on_gpu = devices[0] is not None
@@ -405,13 +466,23 @@ class _DispatchMode(TorchDispatchMode):
                     return func(*args, **kwargs)
             elif t._factory is None:
                 shapes = [tuple(x.shape) for x in cpu]
-                t._fail(DeviceMixError(f"{op} mixes cuda:{index} tensors with CPU tensors of "
-                                       f"shapes {shapes}: move them to the device"))
+                t._fail(
+                    DeviceMixError(
+                        f"{op} mixes cuda:{index} tensors with CPU tensors of "
+                        f"shapes {shapes}: move them to the device"
+                    )
+                )
         if torch.are_deterministic_algorithms_enabled() and (
-                func._schema.name in _NONDETERMINISTIC_ON_CUDA or op in _NONDETERMINISTIC_ON_CUDA
-                or (func is aten.bincount.default and kwargs.get("weights", None) is not None)):
-            t._fail(DeviceTrackerError(f"{op} has no deterministic CUDA kernel and raises "
-                                       "under torch.use_deterministic_algorithms(True)"))
+            func._schema.name in _NONDETERMINISTIC_ON_CUDA
+            or op in _NONDETERMINISTIC_ON_CUDA
+            or (func is aten.bincount.default and kwargs.get("weights", None) is not None)
+        ):
+            t._fail(
+                DeviceTrackerError(
+                    f"{op} has no deterministic CUDA kernel and raises "
+                    "under torch.use_deterministic_algorithms(True)"
+                )
+            )
         if func in _READ_SYNC:
             t._sync("read", op)
         elif func in _SHAPE_SYNC or self._data_dependent(func, args, kwargs):
@@ -426,11 +497,16 @@ class _DispatchMode(TorchDispatchMode):
 
     @staticmethod
     def _data_dependent(func, args, kwargs) -> bool:
-        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
-                    aten._index_put_impl_.default):
-            return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                       for i in args[1])
+        if func in (
+            aten.index.Tensor,
+            aten.index_put_.default,
+            aten.index_put.default,
+            aten._index_put_impl_.default,
+        ):
+            return any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in args[1]
+            )
         if func is aten.repeat_interleave.Tensor or func is aten.repeat_interleave.self_Tensor:
             return kwargs.get("output_size") is None
         return False
-

@@ -27,11 +27,18 @@ from collections.abc import Mapping
 import torch
 import torch.serialization
 
+from jregfix.io.smpl_write import py2_string_opcode
+
 # SPIN's trainer builds Adam (train/trainer.py) and the saver stores its state next to the model
 # (utils/saver.py). The official file's param group holds lr 3e-5 and weight decay 1e-4 (a float),
 # not the train_options.py defaults (5e-5, 0): the released run was trained with other options.
-SPIN_PARAM_GROUP = {"lr": 3e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4,
-                    "amsgrad": False}
+SPIN_PARAM_GROUP = {
+    "lr": 3e-5,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-4,
+    "amsgrad": False,
+}
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -43,28 +50,23 @@ class Py2Pickler(pickle._Pickler):
     dispatch = dict(pickle._Pickler.dispatch)
 
     def save_str(self, obj: str) -> None:
-        data = obj.encode("utf-8")
-        if not self.bin:
-            self.write(pickle.STRING + repr(data)[1:].encode("ascii") + b"\n")
-        elif len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.write(py2_string_opcode(obj.encode("utf-8"), self.bin))
         self.memoize(obj)
 
     def save_unicode(self, obj: Py2Unicode) -> None:
         pickle._Pickler.save_str(self, obj)
 
     def save_int(self, obj: int) -> None:
-        if -2**31 <= obj < 2**31 or not -2**63 <= obj < 2**63:
+        if -(2**31) <= obj < 2**31 or not -(2**63) <= obj < 2**63:
             pickle._Pickler.save_long(self, obj)  # BININT*/LONG1: the same bytes as Python 2
         else:
             self.write(pickle.INT + str(obj).encode("ascii") + b"\n")
 
     def save_ordered_dict(self, obj: collections.OrderedDict) -> None:
         state = dict(vars(obj)) or None
-        self.save_reduce(collections.OrderedDict, ([[k, v] for k, v in obj.items()],),
-                         state=state, obj=obj)
+        self.save_reduce(
+            collections.OrderedDict, ([[k, v] for k, v in obj.items()],), state=state, obj=obj
+        )
 
     dispatch[str] = save_str
     dispatch[Py2Unicode] = save_unicode
@@ -89,8 +91,13 @@ def _save_cuda(obj, path, pickle_module) -> None:
     original = torch.serialization.location_tag
     torch.serialization.location_tag = lambda storage: "cuda:0"
     try:
-        torch.save(obj, path, _use_new_zipfile_serialization=False, pickle_protocol=2,
-                   pickle_module=pickle_module)
+        torch.save(
+            obj,
+            path,
+            _use_new_zipfile_serialization=False,
+            pickle_protocol=2,
+            pickle_module=pickle_module,
+        )
     finally:
         torch.serialization.location_tag = original
 
@@ -117,9 +124,16 @@ def module_metadata(keys) -> collections.OrderedDict:
     return meta
 
 
-def spin_trainer_checkpoint(model_state: Mapping[str, torch.Tensor], metadata=None, *,
-                            seed: int = 0, dataset_size: int = 48_000, epoch: int = 7,
-                            batch_idx: int = 1175, batch_size: int = 64) -> dict:
+def spin_trainer_checkpoint(
+    model_state: Mapping[str, torch.Tensor],
+    metadata=None,
+    *,
+    seed: int = 0,
+    dataset_size: int = 48_000,
+    epoch: int = 7,
+    batch_idx: int = 1175,
+    batch_size: int = 64,
+) -> dict:
     """The dict SPIN's ``CheckpointSaver.save_checkpoint`` saves, as torch 1.x on Python 2 had it.
 
     ``model``: an OrderedDict state_dict with ``_metadata``. ``optimizer``: Adam's state_dict,
@@ -131,20 +145,27 @@ def spin_trainer_checkpoint(model_state: Mapping[str, torch.Tensor], metadata=No
     g = torch.Generator().manual_seed(seed)
     model = collections.OrderedDict(model_state)
     model._metadata = metadata if metadata is not None else module_metadata(model_state)
-    params = [k for k in model_state
-              if not k.endswith(_BUFFER_SUFFIXES) and not k.startswith("init_")]
+    params = [
+        k for k in model_state if not k.endswith(_BUFFER_SUFFIXES) and not k.startswith("init_")
+    ]
     step = 264_323  # every parameter's Adam step count in the official file
     base = 139_672_168_905_216
-    offsets = torch.randperm(64 * len(params), generator=g)[:len(params)].tolist()
+    offsets = torch.randperm(64 * len(params), generator=g)[: len(params)].tolist()
     ids = [base + 1440 * int(o) for o in offsets]
-    state = {pid: {"step": step,
-                   "exp_avg": 1e-3 * torch.randn(model_state[k].shape, generator=g),
-                   "exp_avg_sq": 1e-6 * torch.rand(model_state[k].shape, generator=g)}
-             for pid, k in zip(ids, params, strict=True)}
+    state = {
+        pid: {
+            "step": step,
+            "exp_avg": 1e-3 * torch.randn(model_state[k].shape, generator=g),
+            "exp_avg_sq": 1e-6 * torch.rand(model_state[k].shape, generator=g),
+        }
+        for pid, k in zip(ids, params, strict=True)
+    }
     return {
         "model": model,
         "optimizer": {"state": state, "param_groups": [dict(SPIN_PARAM_GROUP, params=ids)]},
-        "epoch": epoch, "batch_idx": batch_idx, "batch_size": batch_size,
+        "epoch": epoch,
+        "batch_idx": batch_idx,
+        "batch_size": batch_size,
         "dataset_perm": torch.randperm(dataset_size, generator=g).tolist(),
         "total_step_count": step,
     }

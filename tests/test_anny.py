@@ -41,10 +41,12 @@ def anny_direct(body, phenotype):
     """Anny's own forward at its reference pose (identity deltas for all 104 bones)."""
     deltas = torch.eye(4, dtype=torch.float64).repeat(1, len(body.all_bone_names), 1, 1)
     with torch.no_grad():
-        out = body.anny(pose_parameters=deltas,
-                        phenotype_kwargs=torch.tensor([phenotype], dtype=torch.float64))
-    return z_up_to_y_up(out["vertices"][0].numpy()), z_up_to_y_up(out["bone_poses"][0, :, :3, 3]
-                                                                 .numpy())
+        out = body.anny(
+            pose_parameters=deltas, phenotype_kwargs=torch.tensor([phenotype], dtype=torch.float64)
+        )
+    return z_up_to_y_up(out["vertices"][0].numpy()), z_up_to_y_up(
+        out["bone_poses"][0, :, :3, 3].numpy()
+    )
 
 
 def subtree(parents, bone):
@@ -63,16 +65,18 @@ def test_protocol_shapes_and_closed_mesh(body):
     assert faces.shape == (27420, 3) and faces.dtype == np.int64
     assert faces.min() == 0 and faces.max() == body.num_vertices - 1
     assert len(np.unique(faces)) == body.num_vertices
-    assert np.all((faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2])
-                  & (faces[:, 0] != faces[:, 2]))
+    assert np.all(
+        (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+    )
     directed = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
     # Closed, consistently oriented 2-manifold: every directed edge once, its reverse once.
     assert len(np.unique(directed, axis=0)) == len(directed)
     reverse = {tuple(e) for e in directed[:, ::-1].tolist()}
     assert reverse == {tuple(e) for e in directed.tolist()}
     edges = np.unique(np.sort(directed, 1), axis=0)
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
-                       shape=(body.num_vertices,) * 2)
+    graph = coo_matrix(
+        (np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(body.num_vertices,) * 2
+    )
     count, labels = connected_components(graph, directed=False)
     assert count == 4  # body, mouth cavity, two eyeballs
     v = body.template.numpy()
@@ -117,8 +121,12 @@ def test_knee_rotation_moves_the_shin_about_the_knee(body):
     weights = body.anny.dense_vertex_bone_weights.numpy()
     share = weights[:, below].sum(1)
     # A general rotation (about no frame axis) and a knee flexion about the model x axis.
-    rots = np.stack([Rotation.from_rotvec([0.5, -0.9, 0.7]).as_matrix(),
-                     Rotation.from_rotvec([np.deg2rad(70), 0, 0]).as_matrix()])
+    rots = np.stack(
+        [
+            Rotation.from_rotvec([0.5, -0.9, 0.7]).as_matrix(),
+            Rotation.from_rotvec([np.deg2rad(70), 0, 0]).as_matrix(),
+        ]
+    )
     pose = identity_pose(body, 2)
     pose[:, body.bone_names.index("lowerleg01.L")] = torch.tensor(rots)
     zero = torch.zeros(2, 6, dtype=torch.float64)
@@ -141,11 +149,18 @@ def test_knee_rotation_moves_the_shin_about_the_knee(body):
 def test_betas_are_phenotype_offsets(body):
     from jregfix.body.anny import DEFAULT_PHENOTYPE, PHENOTYPES, phenotype_to_betas
 
-    phenotype = {"gender": 0.9, "age": 0.78, "muscle": 0.3, "weight": 0.8, "height": 0.2,
-                 "proportions": 0.6}
+    phenotype = {
+        "gender": 0.9,
+        "age": 0.78,
+        "muscle": 0.3,
+        "weight": 0.8,
+        "height": 0.2,
+        "proportions": 0.6,
+    }
     betas = phenotype_to_betas(**phenotype)
-    np.testing.assert_allclose(betas.numpy() + DEFAULT_PHENOTYPE,
-                               [phenotype[k] for k in PHENOTYPES])
+    np.testing.assert_allclose(
+        betas.numpy() + DEFAULT_PHENOTYPE, [phenotype[k] for k in PHENOTYPES]
+    )
     got = body.vertices(identity_pose(body), betas[None]).numpy()[0]
     verts, _ = anny_direct(body, [phenotype[k] for k in PHENOTYPES])
     np.testing.assert_allclose(got, verts, atol=1e-9)
@@ -184,8 +199,13 @@ def test_gradients_match_finite_differences(body):
 def test_h36m_joints_are_bone_heads_and_crown(body):
     from jregfix.body.anny import H36M_JOINTS, HEAD_TOP_VERTEX, phenotype_to_betas
 
-    betas = torch.stack([phenotype_to_betas(), phenotype_to_betas(gender=0.0, height=0.6),
-                         phenotype_to_betas(gender=1.0, height=0.1, weight=0.9, age=0.7)])
+    betas = torch.stack(
+        [
+            phenotype_to_betas(),
+            phenotype_to_betas(gender=0.0, height=0.6),
+            phenotype_to_betas(gender=1.0, height=0.1, weight=0.9, age=0.7),
+        ]
+    )
     out = body(identity_pose(body, 3), betas)
     joints = body.h36m_joints(out).numpy()
     assert joints.shape == (3, 17, 3)
@@ -199,8 +219,9 @@ def test_h36m_joints_are_bone_heads_and_crown(body):
     y = joints[..., 1]
     for ankle, knee, hip in ((3, 2, 1), (6, 5, 4)):
         assert np.all((y[:, ankle] < y[:, knee]) & (y[:, knee] < y[:, hip]))
-    assert np.all((y[:, 0] < y[:, 7]) & (y[:, 7] < y[:, 8]) & (y[:, 8] < y[:, 9])
-                  & (y[:, 9] < y[:, 10]))
+    assert np.all(
+        (y[:, 0] < y[:, 7]) & (y[:, 7] < y[:, 8]) & (y[:, 8] < y[:, 9]) & (y[:, 9] < y[:, 10])
+    )
     x = joints[..., 0]
     assert np.all(x[:, [1, 2, 3, 11, 12, 13]] > 0) and np.all(x[:, [4, 5, 6, 14, 15, 16]] < 0)
 

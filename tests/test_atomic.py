@@ -70,9 +70,10 @@ def test_pair_records_the_output_hash_and_readers_check_it(tmp_path):
 
 def kill_between_renames(code: str) -> None:
     """Run ``code`` in a child that is SIGKILLed between a sidecar's and its output's rename."""
-    done = subprocess.run([sys.executable, "-c", code],
-                          env={**os.environ, "JREGFIX_FAULT": "after-sidecar",
-                               "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "JREGFIX_FAULT": "after-sidecar", "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == -signal.SIGKILL
 
 
@@ -87,11 +88,14 @@ def test_kill_between_regressor_and_its_provenance_is_detected(tmp_path):
     assert check_regressor_provenance(path, force=False)["params_stage"] == "spin"
     kill_between_renames(
         "import numpy as np\nfrom jregfix.io.regressors import save_regressor\n"
-        f"save_regressor({str(path)!r}, 2 * np.eye(3), {{'params_stage': 'refine'}})")
+        f"save_regressor({str(path)!r}, 2 * np.eye(3), {{'params_stage': 'refine'}})"
+    )
     assert path.read_bytes() == old  # the output was not replaced yet...
     assert json.loads(provenance_path(path).read_text())["params_stage"] == "refine"
-    for read in (lambda: load_provenance(path),
-                 lambda: check_regressor_provenance(path, force=False)):
+    for read in (
+        lambda: load_provenance(path),
+        lambda: check_regressor_provenance(path, force=False),
+    ):
         with pytest.raises(JregfixError, match="does not describe"):  # ...and that shows
             read()
     save_regressor(path, 2 * np.eye(3), {"params_stage": "refine"})  # re-running repairs it
@@ -106,14 +110,17 @@ def test_kill_between_output_and_manifest_makes_the_stage_not_current(tmp_path):
     kill_between_renames(
         "from jregfix.io.manifest import stage_record, write_output\n"
         f"write_output({str(out)!r}, b'second', stage_record('refine', {{}}, {{'iters': 4}}, 0),"
-        " 'refined')")
+        " 'refined')"
+    )
     assert out.read_bytes() == b"first"
     assert not is_current(out, record)  # computed again rather than trusted
     with pytest.raises(JregfixError, match="does not describe"):
         read_sidecar(out)
     write_output(out, b"second", record, "refined")
-    assert is_current(out, record) and read_sidecar(out)["output_sha256"] == \
-        hashlib.sha256(b"second").hexdigest()
+    assert (
+        is_current(out, record)
+        and read_sidecar(out)["output_sha256"] == hashlib.sha256(b"second").hexdigest()
+    )
     assert manifest_path(out).is_file()
 
 

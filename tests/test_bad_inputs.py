@@ -22,8 +22,12 @@ N = 4
 
 def _gt_arrays(subject: str, rng: np.random.Generator) -> dict:
     names = [h36m_imgname(subject, "Walking_1", "54138969", i + 1) for i in range(N)]
-    return dict(imgname=np.array(names), center=np.full((N, 2), 500.0), scale=np.full(N, 2.0),
-                S=joints17_to_s24(rng.normal(size=(N, 17, 3)) * 0.3))
+    return dict(
+        imgname=np.array(names),
+        center=np.full((N, 2), 500.0),
+        scale=np.full(N, 2.0),
+        S=joints17_to_s24(rng.normal(size=(N, 17, 3)) * 0.3),
+    )
 
 
 @pytest.fixture
@@ -37,16 +41,23 @@ def world(tmp_path, smpl_pkl):
     for name, subject in (("gt.npz", "S9"), ("gt_train.npz", "S1")):
         a = _gt_arrays(subject, rng)
         save_h36m(inp / name, a["imgname"], a["center"], a["scale"], a["S"])
-    np.savez(inp / "params.npz", pose=rng.normal(size=(N, 72)) * 0.1, betas=np.zeros((N, 10)),
-             cam_t=np.tile([0.0, 0.0, 5.0], (N, 1)))
+    np.savez(
+        inp / "params.npz",
+        pose=rng.normal(size=(N, 72)) * 0.1,
+        betas=np.zeros((N, 10)),
+        cam_t=np.tile([0.0, 0.0, 5.0], (N, 1)),
+    )
     np.save(inp / "J.npy", np.full((17, 6890), 1 / 6890))
     (inp / "junk.bin").write_bytes(b"not used before the refusal")
     return dict(inp=inp, out=out, smpl=str(smpl_pkl), rng=rng)
 
 
 def _snapshot(*dirs) -> dict:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for d in dirs for p in sorted(d.rglob("*"))}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for d in dirs
+        for p in sorted(d.rglob("*"))
+    }
 
 
 def fails_cleanly(args: list[str], world, capsys, code: int = 1) -> str:
@@ -64,9 +75,22 @@ def fails_cleanly(args: list[str], world, capsys, code: int = 1) -> str:
 
 def _evaluate(world, predictions, gt=None, *extra) -> list:
     i = world["inp"]
-    return ["evaluate", "--method", "spin", "--predictions", predictions, "--gt",
-            gt or i / "gt.npz", "--regressor", f"t={i / 'J.npy'}", "--smpl", world["smpl"],
-            "--bootstrap", "10", *extra]
+    return [
+        "evaluate",
+        "--method",
+        "spin",
+        "--predictions",
+        predictions,
+        "--gt",
+        gt or i / "gt.npz",
+        "--regressor",
+        f"t={i / 'J.npy'}",
+        "--smpl",
+        world["smpl"],
+        "--bootstrap",
+        "10",
+        *extra,
+    ]
 
 
 def test_the_base_evaluate_command_succeeds(world, capsys):
@@ -77,33 +101,117 @@ def test_the_base_evaluate_command_succeeds(world, capsys):
 # ----------------------------------------------------------------- outputs onto inputs
 
 CLASHES = {
-    "fit-regressor --out GT": lambda i, s: ["fit-regressor", "--params", i / "params.npz",
-                                           "--gt", i / "gt_train.npz", "--out", i / "gt_train.npz"],
-    "fit-regressor --json GT": lambda i, s: ["fit-regressor", "--params", i / "params.npz",
-                                            "--gt", i / "gt_train.npz", "--out", i / "x.npy",
-                                            "--json", i / "params.npz"],
-    "fit-regressor --merge": lambda i, s: ["fit-regressor", "--merge", i / "params.npz",
-                                          i / "gt.npz", "--out", i / "params.npz"],
-    "refine --out init": lambda i, s: ["refine", "--init", i / "params.npz", "--gt",
-                                      i / "gt_train.npz", "--silhouettes", i / "junk.bin",
-                                      "--smpl", s, "--joint-regressor", i / "J.npy", "--out",
-                                      i / "params.npz"],
-    "refine-merge": lambda i, s: ["refine-merge", i / "params.npz", i / "gt.npz", "--out",
-                                  i / "params.npz"],
-    "spin --out GT": lambda i, s: ["spin", "--h36m", i / "gt.npz", "--images", i,
-                                  "--checkpoint", i / "junk.bin", "--out", i / "gt.npz"],
-    "spin manifest onto an input": lambda i, s: ["spin", "--h36m", i / "gt.npz", "--images", i,
-                                                "--checkpoint", i / "o.npz.manifest.json",
-                                                "--out", i / "o.npz"],
-    "silhouettes --out GT": lambda i, s: ["silhouettes", "--h36m", i / "gt.npz", "--images", i,
-                                         "--out", i / "gt.npz"],
-    "evaluate --json GT": lambda i, s: ["evaluate", "--method", "spin", "--predictions",
-                                       i / "params.npz", "--gt", i / "gt.npz", "--regressor",
-                                       f"t={i / 'J.npy'}", "--json", i / "gt.npz"],
-    "regressors convert SRC SRC": lambda i, s: ["regressors", "convert", i / "J.npy",
-                                               i / "J.npy", "--effective"],
-    "regressors download --out URL": lambda i, s: ["regressors", "download", "hedlin", "--url",
-                                                  i / "J.npy", "--out", i / "J.npy"],
+    "fit-regressor --out GT": lambda i, s: [
+        "fit-regressor",
+        "--params",
+        i / "params.npz",
+        "--gt",
+        i / "gt_train.npz",
+        "--out",
+        i / "gt_train.npz",
+    ],
+    "fit-regressor --json GT": lambda i, s: [
+        "fit-regressor",
+        "--params",
+        i / "params.npz",
+        "--gt",
+        i / "gt_train.npz",
+        "--out",
+        i / "x.npy",
+        "--json",
+        i / "params.npz",
+    ],
+    "fit-regressor --merge": lambda i, s: [
+        "fit-regressor",
+        "--merge",
+        i / "params.npz",
+        i / "gt.npz",
+        "--out",
+        i / "params.npz",
+    ],
+    "refine --out init": lambda i, s: [
+        "refine",
+        "--init",
+        i / "params.npz",
+        "--gt",
+        i / "gt_train.npz",
+        "--silhouettes",
+        i / "junk.bin",
+        "--smpl",
+        s,
+        "--joint-regressor",
+        i / "J.npy",
+        "--out",
+        i / "params.npz",
+    ],
+    "refine --merge": lambda i, s: [
+        "refine",
+        "--merge",
+        i / "params.npz",
+        i / "gt.npz",
+        "--out",
+        i / "params.npz",
+    ],
+    "spin --out GT": lambda i, s: [
+        "spin",
+        "--h36m",
+        i / "gt.npz",
+        "--images",
+        i,
+        "--checkpoint",
+        i / "junk.bin",
+        "--out",
+        i / "gt.npz",
+    ],
+    "spin manifest onto an input": lambda i, s: [
+        "spin",
+        "--h36m",
+        i / "gt.npz",
+        "--images",
+        i,
+        "--checkpoint",
+        i / "o.npz.manifest.json",
+        "--out",
+        i / "o.npz",
+    ],
+    "silhouettes --out GT": lambda i, s: [
+        "silhouettes",
+        "--h36m",
+        i / "gt.npz",
+        "--images",
+        i,
+        "--out",
+        i / "gt.npz",
+    ],
+    "evaluate --json GT": lambda i, s: [
+        "evaluate",
+        "--method",
+        "spin",
+        "--predictions",
+        i / "params.npz",
+        "--gt",
+        i / "gt.npz",
+        "--regressor",
+        f"t={i / 'J.npy'}",
+        "--json",
+        i / "gt.npz",
+    ],
+    "regressors convert SRC SRC": lambda i, s: [
+        "regressors",
+        "convert",
+        i / "J.npy",
+        i / "J.npy",
+        "--effective",
+    ],
+    "regressors download --out URL": lambda i, s: [
+        "regressors",
+        "download",
+        "hedlin",
+        "--url",
+        i / "J.npy",
+        "--out",
+        i / "J.npy",
+    ],
     "check --json GT": lambda i, s: ["check", "--gt", i / "gt.npz", "--json", i / "gt.npz"],
 }
 
@@ -143,8 +251,10 @@ BAD_PARAMS = {
     "string pose": (dict(pose=lambda a: a.astype(str)), "dtype"),
     "complex betas": (dict(betas=lambda a: a.astype(complex)), "dtype"),
     "betas with 11 columns": (dict(betas=lambda a: np.zeros((N, 11))), "bad.npz: betas have 11"),
-    "more pose rows than imgnames": (dict(imgname=lambda a: np.array(["a.jpg", "b.jpg"])),
-                                     "imgname"),
+    "more pose rows than imgnames": (
+        dict(imgname=lambda a: np.array(["a.jpg", "b.jpg"])),
+        "imgname",
+    ),
 }
 
 
@@ -171,8 +281,10 @@ BAD_GT = {
     "duplicate frame": (_duplicate, "more than once"),
     "scale 0": (lambda a: a["scale"].__setitem__(2, 0.0), "scale"),
     "joints scaled by 1e30": (lambda a: a.__setitem__("S", a["S"] * 1e30), "100 m"),
-    "all-zero int8 joints": (lambda a: a.__setitem__("S", np.zeros((N, 24, 4), np.int8)),
-                             "all zeros"),
+    "all-zero int8 joints": (
+        lambda a: a.__setitem__("S", np.zeros((N, 24, 4), np.int8)),
+        "all zeros",
+    ),
     "string centres": (lambda a: a.__setitem__("center", a["center"].astype(str)), "dtype"),
 }
 
@@ -180,22 +292,25 @@ BAD_GT = {
 @pytest.mark.parametrize("case", BAD_GT)
 def test_implausible_ground_truth_is_refused(case, world, capsys):
     fn, expected = BAD_GT[case]
-    message = fails_cleanly(_evaluate(world, world["inp"] / "params.npz", _gt(world, fn)), world,
-                            capsys)
+    message = fails_cleanly(
+        _evaluate(world, world["inp"] / "params.npz", _gt(world, fn)), world, capsys
+    )
     assert expected in message
 
 
 def test_json_named_npz_is_called_json(world, capsys):
     (world["inp"] / "j.npz").write_text(json.dumps({"pose": [1, 2]}))
-    message = fails_cleanly(_evaluate(world, world["inp"] / "params.npz", world["inp"] / "j.npz"),
-                            world, capsys)
+    message = fails_cleanly(
+        _evaluate(world, world["inp"] / "params.npz", world["inp"] / "j.npz"), world, capsys
+    )
     assert "not an npz (looks like JSON)" in message
 
 
 def test_npz_header_declaring_an_absurd_shape_is_refused_before_allocation(world, capsys):
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
-                                                  "shape": (10**9, 24, 4)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**9, 24, 4)}
+    )
     path = world["inp"] / "huge.npz"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         for key, a in _gt_arrays("S9", world["rng"]).items():
@@ -210,12 +325,26 @@ def test_npz_header_declaring_an_absurd_shape_is_refused_before_allocation(world
 # ----------------------------------------------------------------- options and configs
 
 OPTIONS = {
-    "evaluate --batch-size 0": (lambda w: _evaluate(w, w["inp"] / "params.npz", None,
-                                                    "--batch-size", "0"), "--batch-size"),
+    "evaluate --batch-size 0": (
+        lambda w: _evaluate(w, w["inp"] / "params.npz", None, "--batch-size", "0"),
+        "--batch-size",
+    ),
     "fit-regressor --sum-to-one-weight inf": (
-        lambda w: ["fit-regressor", "--params", w["inp"] / "params.npz", "--gt",
-                   w["inp"] / "gt_train.npz", "--smpl", w["smpl"], "--out", w["out"] / "J.npy",
-                   "--sum-to-one-weight", "inf"], "--sum-to-one-weight"),
+        lambda w: [
+            "fit-regressor",
+            "--params",
+            w["inp"] / "params.npz",
+            "--gt",
+            w["inp"] / "gt_train.npz",
+            "--smpl",
+            w["smpl"],
+            "--out",
+            w["out"] / "J.npy",
+            "--sum-to-one-weight",
+            "inf",
+        ],
+        "--sum-to-one-weight",
+    ),
     "refine --lr nan": (lambda w: _refine(w, "--lr", "nan"), "--lr"),
     "refine --shard 1/0": (lambda w: _refine(w, "--shard", "1/0"), "--shard"),
     "refine --batch-size -1": (lambda w: _refine(w, "--batch-size", "-1"), "--batch-size"),
@@ -224,9 +353,22 @@ OPTIONS = {
 
 def _refine(world, *extra) -> list:
     i = world["inp"]
-    return ["refine", "--init", i / "params.npz", "--gt", i / "gt_train.npz", "--silhouettes",
-            i / "junk.bin", "--smpl", world["smpl"], "--joint-regressor", i / "J.npy", "--out",
-            world["out"] / "refined.npz", *extra]
+    return [
+        "refine",
+        "--init",
+        i / "params.npz",
+        "--gt",
+        i / "gt_train.npz",
+        "--silhouettes",
+        i / "junk.bin",
+        "--smpl",
+        world["smpl"],
+        "--joint-regressor",
+        i / "J.npy",
+        "--out",
+        world["out"] / "refined.npz",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("case", OPTIONS)
@@ -270,16 +412,23 @@ def test_run_config_type_errors_name_their_key(case, world, capsys):
 
 def test_json_pointing_at_a_directory(world, capsys):
     (world["out"] / "results").mkdir()
-    message = fails_cleanly(_evaluate(world, world["inp"] / "params.npz", None, "--json",
-                                      world["out"] / "results"), world, capsys)
+    message = fails_cleanly(
+        _evaluate(world, world["inp"] / "params.npz", None, "--json", world["out"] / "results"),
+        world,
+        capsys,
+    )
     assert "directory" in message
 
 
 RAISED = {
-    "permission": (PermissionError(errno.EACCES, "Permission denied", "/x/out.npz"),
-                   "/x/out.npz: Permission denied"),
-    "disk full": (OSError(errno.ENOSPC, "No space left on device", "/x/out.npz"),
-                  "free some space"),
+    "permission": (
+        PermissionError(errno.EACCES, "Permission denied", "/x/out.npz"),
+        "/x/out.npz: Permission denied",
+    ),
+    "disk full": (
+        OSError(errno.ENOSPC, "No space left on device", "/x/out.npz"),
+        "free some space",
+    ),
     "absurd size": (MemoryError(), "out of memory"),
     "bad data": (IndexError("index 7 is out of bounds"), "invalid input data"),
     "unexpected": (RuntimeError("something odd\nsecond line"), "--debug for the traceback"),
@@ -307,8 +456,19 @@ def test_download_deadline_and_no_part_file(world, capsys, monkeypatch):
     cache = world["out"].parent / "cache"  # created empty; only files matter
     monkeypatch.setenv("JREGFIX_CACHE_DIR", str(cache))
     monkeypatch.setenv("JREGFIX_DOWNLOAD_TIMEOUT", "1e-9")
-    message = fails_cleanly(["regressors", "download", "hedlin", "--url", world["inp"] /
-                             "J.npy", "--out", world["out"] / "J.npy"], world, capsys)
+    message = fails_cleanly(
+        [
+            "regressors",
+            "download",
+            "hedlin",
+            "--url",
+            world["inp"] / "J.npy",
+            "--out",
+            world["out"] / "J.npy",
+        ],
+        world,
+        capsys,
+    )
     assert "JREGFIX_DOWNLOAD_TIMEOUT" in message
     assert not list(cache.rglob("*.part"))
 

@@ -8,7 +8,9 @@ from jregfix.geometry.camera import (
     FOCAL_LENGTH,
     IMG_RES,
     PinholeCamera,
+    cam_t_to_weak,
     project,
+    spin_focal,
     weak_to_cam_t,
 )
 
@@ -23,14 +25,30 @@ def test_weak_to_cam_t_matches_spin_formula():
     assert FOCAL_LENGTH == 5000.0 and IMG_RES == 224
 
 
+def test_cam_t_to_weak_inverts_weak_to_cam_t():
+    cam = np.array([[0.9, 0.0, 0.0], [1.2, 0.1, -0.2], [0.5, -0.3, 0.05]])
+    cam_t = np.stack([cam[:, 1], cam[:, 2], 2 * 5000.0 / (224 * cam[:, 0])], 1)
+    np.testing.assert_allclose(cam_t_to_weak(torch.tensor(cam_t)).numpy(), cam, rtol=1e-12)
+    back = cam_t_to_weak(weak_to_cam_t(torch.tensor(cam))).numpy()
+    np.testing.assert_allclose(back, cam, rtol=1e-9)  # up to SPIN's 1e-9 in tz
+
+
+def test_spin_focal_keeps_the_field_of_view():
+    # half-width angle of the crop: atan((res / 2) / f) is the same at every size
+    for size in (48, 96, 224, 448):
+        assert np.arctan(size / 2 / spin_focal(size)) == pytest.approx(np.arctan(112 / 5000.0))
+    assert spin_focal(224) == 5000.0 and spin_focal(96) == pytest.approx(5000.0 * 96 / 224)
+
+
 def test_project_matches_intrinsic_matrix():
     rng = np.random.default_rng(0)
     pts = rng.normal(size=(3, 7, 3)) + np.array([0.0, 0.0, 6.0])
     t = rng.normal(size=(3, 3)) * 0.2
     fx, fy = np.array([1000.0, 1200.0, 900.0]), np.array([1010.0, 1150.0, 905.0])
     cx, cy = np.array([320.0, 500.0, 111.5]), np.array([240.0, 380.0, 97.0])
-    cam = PinholeCamera.from_intrinsics(*(torch.tensor(a) for a in (fx, fy, cx, cy)),
-                                        dtype=torch.float64)
+    cam = PinholeCamera.from_intrinsics(
+        *(torch.tensor(a) for a in (fx, fy, cx, cy)), dtype=torch.float64
+    )
     got = project(torch.tensor(pts), cam, torch.tensor(t)).numpy()
     for b in range(3):
         k = np.array([[fx[b], 0, cx[b]], [0, fy[b], cy[b]], [0, 0, 1]])

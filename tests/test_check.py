@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from jregfix.body.synthetic import write_npz
 from jregfix.cli import main
 from jregfix.io.h36m import h36m_imgname, joints17_to_s24
+from jregfix.io.smpl_write import write_npz
 from tests.conftest import camera_facing_poses, planted_regressor, shared_fixture
 from tests.test_smpl import numpy_lbs
 from tests.test_tracks import demo_track, vibe_dump
@@ -47,19 +47,29 @@ def files(smpl_like_model, smpl_pkl, tmp_path_factory):
     # as SPIN's h36m_extract saves it: np.savez of a list of str and float64 arrays; rows in
     # another order than the video's frames, so a row number is never a frame's position
     order = [2, 0, 1]
-    np.savez(root / "h36m_valid.npz", imgname=[names[i] for i in order],
-             center=np.tile(CENTER, (n, 1)), scale=np.full(n, SCALE),
-             S=joints17_to_s24(np.einsum("kv,nvc->nkc", j, verts[order])))
+    np.savez(
+        root / "h36m_valid.npz",
+        imgname=[names[i] for i in order],
+        center=np.tile(CENTER, (n, 1)),
+        scale=np.full(n, SCALE),
+        S=joints17_to_s24(np.einsum("kv,nvc->nkc", j, verts[order])),
+    )
     (root / "h36m" / "images").mkdir(parents=True)
     for name in names:
         noise = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
         Image.fromarray(noise).resize((100, 120)).save(root / "h36m" / name, quality=90)
     frames = list(range(13))
-    track_verts = np.stack([verts[IMAGE_NUMBERS.index(f)] if f in IMAGE_NUMBERS
-                            else 1.2 * verts[min(f // 5, n - 1)] for f in frames])
+    track_verts = np.stack(
+        [
+            verts[IMAGE_NUMBERS.index(f)] if f in IMAGE_NUMBERS else 1.2 * verts[min(f // 5, n - 1)]
+            for f in frames
+        ]
+    )
     boxes = np.tile([*CENTER, 100.0, 100.0], (len(frames), 1))
-    vibe_dump({1: demo_track(track_verts, frames, boxes, rng)},
-              root / "vibe" / VIDEO[0] / f"{VIDEO[1]}.{VIDEO[2]}")
+    vibe_dump(
+        {1: demo_track(track_verts, frames, boxes, rng)},
+        root / "vibe" / VIDEO[0] / f"{VIDEO[1]}.{VIDEO[2]}",
+    )
     # SPIN's own output for the same frames: exact poses, meshes made by the SMPL model
     np.savez(root / "spin.npz", pose=aa.reshape(n, 72), betas=np.zeros((n, 10)), imgname=names)
     write_npz(root / "SMPL_NEUTRAL.npz", smpl_like_model)
@@ -81,12 +91,27 @@ def by_role(doc, role):
 def test_good_files_are_described_and_pass(files, smpl_pkl, tmp_path, capsys, monkeypatch):
     r = files
     before = sorted((p, p.stat().st_mtime_ns) for p in r.rglob("*"))
-    code, out, doc = run(["--smpl", smpl_pkl, "--smpl", r / "SMPL_NEUTRAL.npz",
-                          "--h36m", r / "h36m_valid.npz", "--images", r / "h36m",
-                          "--regressor", f"h36m={r / 'J_h36m.npy'}",
-                          "--predictions", r / "vibe", "--predictions", f"spin={r / 'spin.npz'}"],
-                         capsys, monkeypatch,
-                         tmp_path / "check.json")
+    code, out, doc = run(
+        [
+            "--smpl",
+            smpl_pkl,
+            "--smpl",
+            r / "SMPL_NEUTRAL.npz",
+            "--h36m",
+            r / "h36m_valid.npz",
+            "--images",
+            r / "h36m",
+            "--regressor",
+            f"h36m={r / 'J_h36m.npy'}",
+            "--predictions",
+            r / "vibe",
+            "--predictions",
+            f"spin={r / 'spin.npz'}",
+        ],
+        capsys,
+        monkeypatch,
+        tmp_path / "check.json",
+    )
     assert code == 0, out.err
     assert doc["ok"] and doc["problems"] == []
     assert sorted((p, p.stat().st_mtime_ns) for p in r.rglob("*")) == before  # wrote nothing
@@ -115,8 +140,9 @@ def test_good_files_are_described_and_pass(files, smpl_pkl, tmp_path, capsys, mo
 
     stages = {(s["stage"], s["inputs"][0]): s for s in doc["stages"]}
     assert all(s["status"] == "ok" for s in doc["stages"])
-    assert "224x224 crop, side 100 px" in stages[("image → crop", str(r / "h36m_valid.npz"))][
-        "detail"]
+    assert (
+        "224x224 crop, side 100 px" in stages[("image → crop", str(r / "h36m_valid.npz"))]["detail"]
+    )
     for smpl in (smpl_pkl, r / "SMPL_NEUTRAL.npz"):
         assert "-> 17 joints, all on the body" in stages[("LBS → joints", str(smpl))]["detail"]
     # video frame 1 is image number 1 (SPIN's numbering): the exact mesh, so zero error
@@ -130,7 +156,7 @@ def test_good_files_are_described_and_pass(files, smpl_pkl, tmp_path, capsys, mo
 
 @pytest.mark.parametrize("variant", ["released-protocol-1", "clean_ch"])
 def test_smpl_pickle_variants(variant, smpl_like_model, tmp_path, capsys, monkeypatch):
-    from jregfix.body.synthetic import write_cleaned_pickle, write_released_style_pickle
+    from jregfix.io.smpl_write import write_cleaned_pickle, write_released_style_pickle
 
     path = tmp_path / "basicmodel_m_lbs_10_207_0_v1.1.0.pkl"
     if variant == "clean_ch":
@@ -150,24 +176,38 @@ def test_spin_training_npz(tmp_path, capsys, monkeypatch):
     """h36m_train.py's layout: training subjects, 2D joints (part) and OpenPose keypoints."""
     rng = np.random.default_rng(1)
     names = [h36m_imgname(s, "Walking 1", "55011271", k) for s in ("S1", "S8") for k in (1, 6)]
-    np.savez(tmp_path / "h36m_train.npz", imgname=names, center=rng.uniform(400, 600, (4, 2)),
-             scale=rng.uniform(3, 5, 4), part=rng.uniform(0, 1000, (4, 24, 3)),
-             S=rng.normal(size=(4, 24, 4)), openpose=rng.uniform(0, 1000, (4, 25, 3)))
-    code, out, doc = run(["--gt", tmp_path / "h36m_train.npz"], capsys, monkeypatch,
-                         tmp_path / "c.json")
+    np.savez(
+        tmp_path / "h36m_train.npz",
+        imgname=names,
+        center=rng.uniform(400, 600, (4, 2)),
+        scale=rng.uniform(3, 5, 4),
+        part=rng.uniform(0, 1000, (4, 24, 3)),
+        S=rng.normal(size=(4, 24, 4)),
+        openpose=rng.uniform(0, 1000, (4, 25, 3)),
+    )
+    code, out, doc = run(
+        ["--gt", tmp_path / "h36m_train.npz"], capsys, monkeypatch, tmp_path / "c.json"
+    )
     assert code == 0, out.err
     gt = doc["files"][0]
     assert gt["format"] == "SPIN H36M npz, 4 rows: S1,S8, 1 camera(s)"
-    assert gt["shapes"] == {"imgname": [4], "center": [4, 2], "scale": [4], "S": [4, 24, 4],
-                            "part": [4, 24, 3], "openpose": [4, 25, 3]}
+    assert gt["shapes"] == {
+        "imgname": [4],
+        "center": [4, 2],
+        "scale": [4],
+        "S": [4, 24, 4],
+        "part": [4, 24, 3],
+        "openpose": [4, 25, 3],
+    }
     assert gt["notes"] == []  # image numbers 1 and 6 follow SPIN's every-5th-frame rule
 
 
 def test_known_official_files(tmp_path, capsys, monkeypatch):
     hedlin = shared_fixture("retrained_J_Regressor.pt")
     means = shared_fixture("smpl_mean_params.npz")
-    code, out, doc = run(["--regressor", hedlin, "--mean-params", means], capsys, monkeypatch,
-                         tmp_path / "c.json")
+    code, out, doc = run(
+        ["--regressor", hedlin, "--mean-params", means], capsys, monkeypatch, tmp_path / "c.json"
+    )
     assert code == 0, out.err
     reg, mean = doc["files"][1], doc["files"][0]
     assert reg["sha256"] == sha(hedlin) and reg["official"].startswith("Hedlin et al.")
@@ -182,8 +222,9 @@ def test_flagged_regressor_is_usable_but_noted(tmp_path, capsys, monkeypatch):
     raw = planted_regressor(rng, 5) * 1.5
     raw[0, :3] = -0.05
     np.save(tmp_path / "raw.npy", np.asfortranarray(raw))
-    code, out, doc = run(["--regressor", tmp_path / "raw.npy"], capsys, monkeypatch,
-                         tmp_path / "c.json")
+    code, out, doc = run(
+        ["--regressor", tmp_path / "raw.npy"], capsys, monkeypatch, tmp_path / "c.json"
+    )
     assert code == 0
     reg = doc["files"][0]
     assert reg["format"] == "npy float64 Fortran order"
@@ -198,10 +239,12 @@ def _one_problem(out, path) -> str:
     return problems[0]
 
 
-@pytest.mark.parametrize("case", ["smpl-truncated", "gt-truncated", "regressor-shape",
-                                  "images-missing"])
-def test_bad_files_give_one_line_naming_the_file(case, files, smpl_pkl, tmp_path, capsys,
-                                                  monkeypatch):
+@pytest.mark.parametrize(
+    "case", ["smpl-truncated", "gt-truncated", "regressor-shape", "images-missing"]
+)
+def test_bad_files_give_one_line_naming_the_file(
+    case, files, smpl_pkl, tmp_path, capsys, monkeypatch
+):
     if case == "smpl-truncated":
         bad = tmp_path / "SMPL_FEMALE.pkl"
         bad.write_bytes(smpl_pkl.read_bytes()[:100_000])
@@ -236,9 +279,11 @@ def test_corrupt_download_of_torchvision_weights(tmp_path, capsys, monkeypatch):
     code, out, doc = run(["--weights", bad], capsys, monkeypatch)
     assert code == 1
     problems = [line for line in out.err.splitlines() if line.startswith("problem: ")]
-    assert problems[0] == (f"problem: {bad}: sha256 {sha(bad)[:12]}… does not start with "
-                           "bf2d0c1e as its file name says: a corrupt or partial download; "
-                           "fetch it again")
+    assert problems[0] == (
+        f"problem: {bad}: sha256 {sha(bad)[:12]}… does not start with "
+        "bf2d0c1e as its file name says: a corrupt or partial download; "
+        "fetch it again"
+    )
     assert all(str(bad) in p for p in problems)
 
 
@@ -249,8 +294,9 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("role", ["smpl", "checkpoint-legacy", "checkpoint-zip", "predictions",
-                                  "regressor"])
+@pytest.mark.parametrize(
+    "role", ["smpl", "checkpoint-legacy", "checkpoint-zip", "predictions", "regressor"]
+)
 def test_hostile_pickles_execute_nothing(role, tmp_path, capsys, monkeypatch):
     marker = tmp_path / "pwned"
     evil = Evil()
@@ -261,8 +307,11 @@ def test_hostile_pickles_execute_nothing(role, tmp_path, capsys, monkeypatch):
         args = ["--smpl", path]
     elif role.startswith("checkpoint"):
         path = tmp_path / "model_checkpoint.pt"
-        torch.save({"model": {"conv1.weight": torch.zeros(1)}, "evil": evil}, path,
-                   _use_new_zipfile_serialization=role.endswith("zip"))
+        torch.save(
+            {"model": {"conv1.weight": torch.zeros(1)}, "evil": evil},
+            path,
+            _use_new_zipfile_serialization=role.endswith("zip"),
+        )
         args = ["--checkpoint", path]
     elif role == "predictions":
         folder = tmp_path / "vibe" / "S9" / "Directions 1.54138969"
@@ -309,14 +358,27 @@ def test_spin_checkpoint_runs_one_crop_through_hmr(files, tmp_path, capsys, monk
     save_legacy_cuda(spin_trainer_checkpoint(state), ckpt)
     means = tmp_path / "smpl_mean_params.npz"
     write_mean_params(means)
-    code, out, doc = run(["--checkpoint", ckpt, "--mean-params", means, "--gt",
-                          files / "h36m_valid.npz", "--images", files / "h36m"], capsys,
-                         monkeypatch, tmp_path / "c.json")
+    code, out, doc = run(
+        [
+            "--checkpoint",
+            ckpt,
+            "--mean-params",
+            means,
+            "--gt",
+            files / "h36m_valid.npz",
+            "--images",
+            files / "h36m",
+        ],
+        capsys,
+        monkeypatch,
+        tmp_path / "c.json",
+    )
     assert code == 0, out.err
     found = by_role(doc, "checkpoint")
     assert found["sha256"] == sha(ckpt)
-    assert found["format"].startswith("legacy torch checkpoint (Python 2, protocol 2, CUDA "
-                                      "storages, ")
+    assert found["format"].startswith(
+        "legacy torch checkpoint (Python 2, protocol 2, CUDA storages, "
+    )
     # one INT per parameter id in the optimizer's state and one in its param group
     assert "CUDA storages, 338 64-bit INT opcodes)" in found["format"]
     assert "state_dict of 328 tensors" in found["format"]
@@ -326,8 +388,9 @@ def test_spin_checkpoint_runs_one_crop_through_hmr(files, tmp_path, capsys, monk
 
     model, _ = build_hmr(ckpt, means)
     gt = np.load(files / "h36m_valid.npz")
-    crop = crop_image(read_image(files / "h36m" / str(gt["imgname"][0])), gt["center"][0],
-                      gt["scale"][0])
+    crop = crop_image(
+        read_image(files / "h36m" / str(gt["imgname"][0])), gt["center"][0], gt["scale"][0]
+    )
     with torch.no_grad():
         s = float(model(normalize_images(torch.tensor(crop[None]))).camera[0, 0])
     hmr = next(st for st in doc["stages"] if st["stage"] == "crop → HMR")
@@ -342,8 +405,12 @@ def test_maskrcnn_release_runs_on_one_image(files, tmp_path, capsys, monkeypatch
     legacy, _ = release_state()
     path = tmp_path / "maskrcnn_coco.pth"
     torch.save(legacy, path, _use_new_zipfile_serialization=False)
-    code, out, doc = run(["--weights", path, "--gt", files / "h36m_valid.npz", "--images",
-                          files / "h36m"], capsys, monkeypatch, tmp_path / "c.json")
+    code, out, doc = run(
+        ["--weights", path, "--gt", files / "h36m_valid.npz", "--images", files / "h36m"],
+        capsys,
+        monkeypatch,
+        tmp_path / "c.json",
+    )
     assert code == 0, out.err
     found = by_role(doc, "weights")
     assert found["format"].startswith("legacy torch state_dict (Python 3, protocol 2)")
@@ -353,3 +420,32 @@ def test_maskrcnn_release_runs_on_one_image(files, tmp_path, capsys, monkeypatch
     assert stage["status"] == "ok"
     assert stage["detail"].startswith(str(files / "h36m" / h36m_imgname(*VIDEO, 11)))
     path.unlink()
+
+
+def test_library_call_returns_a_stage_result_and_reports_steps(files, tmp_path):
+    """run_check: one Step per file read or stage run, and the --json document as summary."""
+    from jregfix.stages.check import CheckInputs, run_check
+
+    steps = []
+    inputs = CheckInputs(
+        gt=[files / "h36m_valid.npz"],
+        images=files / "h36m",
+        regressors=[("h36m", files / "J_h36m.npy")],
+    )
+    result = run_check(inputs, device="cpu", json_out=tmp_path / "c.json", progress=steps.append)
+    assert result.stage == "check" and not result.skipped
+    assert result.outputs == {"json": tmp_path / "c.json"}
+    assert result.summary == json.loads((tmp_path / "c.json").read_text())
+    assert result.summary["ok"] and [f["role"] for f in result.summary["files"]] == [
+        "gt",
+        "images",
+        "regressor h36m",
+    ]
+    assert [s.done for s in steps] == list(range(1, len(steps) + 1))
+    assert {(s.stage, s.unit, s.total) for s in steps} == {("check", "steps", None)}
+    assert [s.message for s in steps] == [
+        f"reading {files / 'h36m_valid.npz'}",
+        f"reading {files / 'h36m'}",
+        f"reading {files / 'J_h36m.npy'}",
+        "reading one frame",
+    ]

@@ -28,23 +28,28 @@ from tests.legacy_torch import (
     spin_trainer_checkpoint,
 )
 
-SYS_INFO = {"protocol_version": 1001, "little_endian": True,
-            "type_sizes": {"short": 2, "int": 4, "long": 4}}
+SYS_INFO = {
+    "protocol_version": 1001,
+    "little_endian": True,
+    "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
 
 
 def small_state(seed: int = 0) -> collections.OrderedDict:
     g = torch.Generator().manual_seed(seed)
-    return collections.OrderedDict([
-        ("conv1.weight", torch.randn(4, 3, 7, 7, generator=g)),
-        ("bn1.weight", torch.rand(4, generator=g)),
-        ("bn1.bias", torch.randn(4, generator=g)),
-        ("bn1.running_mean", torch.randn(4, generator=g)),
-        ("bn1.running_var", 0.5 + torch.rand(4, generator=g)),
-        ("bn1.num_batches_tracked", torch.tensor(264323)),
-        ("fc1.weight", torch.randn(5, 4, generator=g)),
-        ("fc1.bias", torch.randn(5, generator=g).double()),
-        ("init_pose", torch.randn(1, 144, generator=g)),
-    ])
+    return collections.OrderedDict(
+        [
+            ("conv1.weight", torch.randn(4, 3, 7, 7, generator=g)),
+            ("bn1.weight", torch.rand(4, generator=g)),
+            ("bn1.bias", torch.randn(4, generator=g)),
+            ("bn1.running_mean", torch.randn(4, generator=g)),
+            ("bn1.running_var", 0.5 + torch.rand(4, generator=g)),
+            ("bn1.num_batches_tracked", torch.tensor(264323)),
+            ("fc1.weight", torch.randn(5, 4, generator=g)),
+            ("fc1.bias", torch.randn(5, generator=g).double()),
+            ("init_pose", torch.randn(1, 144, generator=g)),
+        ]
+    )
 
 
 def legacy_pickles(path: Path) -> list[list]:
@@ -97,8 +102,13 @@ def test_fixture_is_python2_legacy_format(spin_file):
     assert not {"BINUNICODE", "SHORT_BINUNICODE", "LONG1", "NEWOBJ"} & set(names)
     assert ("SHORT_BINSTRING", "cuda:0") in main and ("SHORT_BINSTRING", "cpu") not in main
     globals_ = {arg for name, arg in main if name == "GLOBAL"}
-    assert globals_ == {"collections OrderedDict", "torch._utils _rebuild_tensor_v2",
-                        "torch FloatStorage", "torch DoubleStorage", "torch LongStorage"}
+    assert globals_ == {
+        "collections OrderedDict",
+        "torch._utils _rebuild_tensor_v2",
+        "torch FloatStorage",
+        "torch DoubleStorage",
+        "torch LongStorage",
+    }
     assert all(name in ("SHORT_BINSTRING", "BINPUT") for name, _ in keys[4:-2])
     # dataset_perm: small Python 2 ints; the 3000 entries come in MARK...APPENDS batches.
     assert names["BININT2"] >= 3000 - 256
@@ -141,8 +151,10 @@ def test_real_size_spin_checkpoint_loads_into_hmr(tmp_path):
     for k, v in ckpt["model"].items():
         assert torch.equal(got["model"][k], v), k
     first = ckpt["optimizer"]["param_groups"][0]["params"][0]
-    assert torch.equal(got["optimizer"]["state"][first]["exp_avg_sq"],
-                       ckpt["optimizer"]["state"][first]["exp_avg_sq"])
+    assert torch.equal(
+        got["optimizer"]["state"][first]["exp_avg_sq"],
+        ckpt["optimizer"]["state"][first]["exp_avg_sq"],
+    )
     model, report = build_hmr(path)
     assert report.ok and report.filled == {}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
@@ -175,14 +187,19 @@ def plain_values(py2: bool = True):
     od = collections.OrderedDict([("b", 1), ("a", {"version": 2})])
     od._metadata = collections.OrderedDict([("", {"version": 1})])
     return {
-        "ids": [139672168905216, -139672168905216, 2**63 - 1, -2**63],
+        "ids": [139672168905216, -139672168905216, 2**63 - 1, -(2**63)],
         "longs": [2**64, -(2**70), MAGIC_NUMBER, 10**700],
-        "small": [0, 1, 255, 256, 65535, 65536, -1, -2**31, 2**31 - 1, 2**31],
+        "small": [0, 1, 255, 256, 65535, 65536, -1, -(2**31), 2**31 - 1, 2**31],
         "floats": [0.0, -1.5, 1e-8, 3.0e300, float("inf")],
         "flags": [True, False, None],
         "tuples": [(), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4), ((),)],
-        "text": ["", "x" * 300, "caf\u00e9", (Py2Unicode if py2 else str)("uni\u00e9\u4e2d"),
-                 "q'\"\\\n\t"],
+        "text": [
+            "",
+            "x" * 300,
+            "caf\u00e9",
+            (Py2Unicode if py2 else str)("uni\u00e9\u4e2d"),
+            "q'\"\\\n\t",
+        ],
         "shared": (shared, shared),
         "od": od,
         "nested": {"a": [{"b": ()}], 7: "int key", (1, "t"): "tuple key"},
@@ -201,11 +218,37 @@ def test_python2_opcodes_of_each_protocol(tmp_path, protocol):
     # pickletools cannot decode a non-ASCII protocol-0 STRING; list the opcodes without it.
     ascii_only = dict(plain_values(), text=["", "x" * 300, Py2Unicode("uni\u00e9")])
     ops = {op.name for op, _, _ in pickletools.genops(py2_dumps(ascii_only, protocol))}
-    expected = {0: {"INT", "LONG", "STRING", "UNICODE", "FLOAT", "PUT", "GET", "DICT", "LIST"},
-                1: {"BININT", "BINSTRING", "SHORT_BINSTRING", "BINUNICODE", "BINFLOAT",
-                    "LONG", "BINPUT", "BINGET", "EMPTY_TUPLE", "APPENDS", "SETITEMS"},
-                2: {"PROTO", "INT", "LONG1", "NEWTRUE", "NEWFALSE", "TUPLE1", "TUPLE2",
-                    "TUPLE3", "BININT1", "BININT2", "BUILD", "REDUCE", "GLOBAL"}}[protocol]
+    expected = {
+        0: {"INT", "LONG", "STRING", "UNICODE", "FLOAT", "PUT", "GET", "DICT", "LIST"},
+        1: {
+            "BININT",
+            "BINSTRING",
+            "SHORT_BINSTRING",
+            "BINUNICODE",
+            "BINFLOAT",
+            "LONG",
+            "BINPUT",
+            "BINGET",
+            "EMPTY_TUPLE",
+            "APPENDS",
+            "SETITEMS",
+        },
+        2: {
+            "PROTO",
+            "INT",
+            "LONG1",
+            "NEWTRUE",
+            "NEWFALSE",
+            "TUPLE1",
+            "TUPLE2",
+            "TUPLE3",
+            "BININT1",
+            "BININT2",
+            "BUILD",
+            "REDUCE",
+            "GLOBAL",
+        },
+    }[protocol]
     assert expected <= ops
     got = load_torch_file(write_legacy(tmp_path / "p.pt", data))
     assert_same(got, pickle.loads(data, encoding="utf-8"))
@@ -246,18 +289,24 @@ def hostile_payloads(sentinel: Path) -> dict[str, bytes]:
     return {
         "os.system": b"\x80\x02cos\nsystem\n" + str_arg + b"\x85R.",
         "posix.system": b"\x80\x02cposix\nsystem\n" + str_arg + b"\x85R.",
-        "builtins.eval": b"\x80\x02cbuiltins\neval\nX" + len(expr).to_bytes(4, "little")
-                         + expr + b"\x85R.",
-        "__builtin__.eval": b"\x80\x02c__builtin__\neval\nU" + bytes([len(expr)]) + expr
-                            + b"\x85R.",
+        "builtins.eval": b"\x80\x02cbuiltins\neval\nX"
+        + len(expr).to_bytes(4, "little")
+        + expr
+        + b"\x85R.",
+        "__builtin__.eval": b"\x80\x02c__builtin__\neval\nU"
+        + bytes([len(expr)])
+        + expr
+        + b"\x85R.",
         "INST": b"(S'" + cmd + b"'\nios\nsystem\n.",
         "stack_global": pickle.dumps(Reduce(os.system, cmd.decode()), protocol=4),
         "open": pickle.dumps(Reduce(open, str(sentinel), "w"), protocol=2),
         "in_dict": b"\x80\x02}U\x05modelcos\nsystem\n" + str_arg + b"\x85Rs.",
         # BUILD would call Tensor.__setstate__ on a rebuilt tensor.
-        "build_on_tensor": (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((U\x07storagectorch\n"
-                            b"FloatStorage\nU\x011U\x03cpuK\x01NtQK\x00K\x01\x85K\x01\x85"
-                            b"\x89ccollections\nOrderedDict\n)RtR}U\x01x\x88sb."),
+        "build_on_tensor": (
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((U\x07storagectorch\n"
+            b"FloatStorage\nU\x011U\x03cpuK\x01NtQK\x00K\x01\x85K\x01\x85"
+            b"\x89ccollections\nOrderedDict\n)RtR}U\x01x\x88sb."
+        ),
         # A reduce whose callable is a storage class, not an allow-listed rebuild.
         "call_storage": b"\x80\x02ctorch\nFloatStorage\n" + str_arg + b"\x85R.",
     }
@@ -316,7 +365,7 @@ def test_corrupt_storage_sizes_and_trailing_bytes(spin_file, tmp_path):
     keys_end = data.rindex(b"e.") + 2
     bad = tmp_path / "bad.pt"
     wrong_count = data.copy()
-    wrong_count[keys_end:keys_end + 8] = (10**6).to_bytes(8, "little")
+    wrong_count[keys_end : keys_end + 8] = (10**6).to_bytes(8, "little")
     bad.write_bytes(wrong_count)
     with pytest.raises(JregfixError, match="1000000 elements"):
         load_torch_file(bad)
@@ -329,9 +378,11 @@ def test_corrupt_storage_sizes_and_trailing_bytes(spin_file, tmp_path):
 
 
 def test_forged_storage_size_allocates_nothing(tmp_path):
-    main = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((U\x07storagectorch\nFloatStorage\n"
-            b"U\x011U\x06cuda:0\x8a\x06\x00\x00\x00\x00\x00\x01NtQK\x00K\x01\x85K\x01\x85"
-            b"\x89ccollections\nOrderedDict\n)RtR.")
+    main = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((U\x07storagectorch\nFloatStorage\n"
+        b"U\x011U\x06cuda:0\x8a\x06\x00\x00\x00\x00\x00\x01NtQK\x00K\x01\x85K\x01\x85"
+        b"\x89ccollections\nOrderedDict\n)RtR."
+    )
     path = write_legacy(tmp_path / "huge.pt", main, py2_dumps(["1"]))
     with pytest.raises(JregfixError, match="more bytes than the file holds"):
         load_torch_file(path)
@@ -347,8 +398,9 @@ def test_non_finite_weights_are_refused(tmp_path):
         load_state_dict_file(path)
     assert "\n" not in str(err.value)
     state["fc1.weight"][2, 1] = 0.0
-    ckpt["optimizer"]["state"][ckpt["optimizer"]["param_groups"][0]["params"][0]][
-        "exp_avg"][0] = float("inf")  # optimizer moments are not the model
+    ckpt["optimizer"]["state"][ckpt["optimizer"]["param_groups"][0]["params"][0]]["exp_avg"][0] = (
+        float("inf")
+    )  # optimizer moments are not the model
     save_legacy_cuda(ckpt, path)
     assert torch.equal(load_state_dict_file(path)["fc1.weight"], state["fc1.weight"])
 
@@ -389,9 +441,15 @@ def test_parameters_and_pre_v2_tensors(tmp_path):
     assert_same(got, ref)
     assert got["w"].requires_grad and not got["frozen"].requires_grad
     # torch 0.4 wrote _rebuild_tensor(storage, offset, size, stride), without grad/hooks.
-    main = (b"\x80\x02ctorch._utils\n_rebuild_tensor\n((U\x07storagectorch\nFloatStorage\n"
-            b"U\x011U\x06cuda:0K\x03NtQK\x01K\x02\x85K\x01\x85tR.")
+    main = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor\n((U\x07storagectorch\nFloatStorage\n"
+        b"U\x011U\x06cuda:0K\x03NtQK\x01K\x02\x85K\x01\x85tR."
+    )
     data = torch.tensor([1.5, -2.0, 4.25])
-    path = write_legacy(tmp_path / "old.pt", main, py2_dumps(["1"]),
-                        (3).to_bytes(8, "little") + data.numpy().tobytes())
+    path = write_legacy(
+        tmp_path / "old.pt",
+        main,
+        py2_dumps(["1"]),
+        (3).to_bytes(8, "little") + data.numpy().tobytes(),
+    )
     assert torch.equal(load_torch_file(path), data[1:])

@@ -49,7 +49,7 @@ def ref_crop(img: np.ndarray, center, scale, stretch=True) -> np.ndarray:
     ul, br = ref_box(np.asarray(center, float), float(scale))
     pad = max(0, -ul.min(), br[0] - img.shape[1], br[1] - img.shape[0])
     padded = np.pad(img.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)))
-    box = padded[ul[1] + pad:br[1] + pad, ul[0] + pad:br[0] + pad]
+    box = padded[ul[1] + pad : br[1] + pad, ul[0] + pad : br[0] + pad]
     if stretch:
         lo, hi = box.min(), box.max()
         box = np.floor((box - lo) * 255.0 / (hi - lo) + 0.5)
@@ -92,10 +92,13 @@ def test_spin_transform_formula_and_inverse_maps():
     print(f"integer keypoint transform vs exact resize map: max {diff.max():.3f} crop px")
 
 
-@pytest.mark.parametrize("shape, center, scale", [
-    ((90, 120), (30.5, 70.3), 0.61),     # upscaling, box sticks out on the left and bottom
-    ((500, 420), (200.2, 260.1), 2.37),  # shrinking: the antialiased filter matters
-])
+@pytest.mark.parametrize(
+    "shape, center, scale",
+    [
+        ((90, 120), (30.5, 70.3), 0.61),  # upscaling, box sticks out on the left and bottom
+        ((500, 420), (200.2, 260.1), 2.37),  # shrinking: the antialiased filter matters
+    ],
+)
 def test_crop_against_reference(shape, center, scale):
     rng = np.random.default_rng(2)
     smooth = rng.integers(40, 200, (shape[0] // 10 + 1, shape[1] // 10 + 1, 3)).astype(np.uint8)
@@ -114,8 +117,10 @@ def test_crop_against_reference(shape, center, scale):
     plain = crop_image(img, center, scale, stretch=False)
     assert np.abs(plain.astype(float) - ref_crop(img, center, scale, stretch=False)).max() <= 2
     effect = np.abs(got.astype(float) - plain)
-    print(f"vs float reference: max {diff.max():.0f}, mean {diff.mean():.3f} levels; contrast "
-          f"stretch (range {img.min()}..{img.max()}) changes pixels by mean {effect.mean():.1f}")
+    print(
+        f"vs float reference: max {diff.max():.0f}, mean {diff.mean():.3f} levels; contrast "
+        f"stretch (range {img.min()}..{img.max()}) changes pixels by mean {effect.mean():.1f}"
+    )
 
 
 @pytest.mark.skipif(not (FIXTURES / "im1010.jpg").is_file(), reason="../shared/fixtures absent")
@@ -132,8 +137,10 @@ def test_crop_im1010_fixture():
     assert diff.max() <= 2.0 and diff.mean() < 0.5, (diff.max(), diff.mean())
     plain = crop_image(img, center, scale, stretch=False)
     effect = np.abs(got.astype(float) - plain)
-    print(f"im1010 vs float reference: max {diff.max():.0f}, mean {diff.mean():.3f} levels; "
-          f"contrast stretch changes pixels by mean {effect.mean():.2f}, max {effect.max():.0f}")
+    print(
+        f"im1010 vs float reference: max {diff.max():.0f}, mean {diff.mean():.3f} levels; "
+        f"contrast stretch changes pixels by mean {effect.mean():.2f}, max {effect.max():.0f}"
+    )
 
 
 def test_crop_map_aligns_with_point_map():
@@ -144,10 +151,18 @@ def test_crop_map_aligns_with_point_map():
     corners = image_to_crop(np.array([[80.0, 60.0], [150.0, 200.0]]), center, scale)[0]
     yy, xx = np.mgrid[0:RES, 0:RES] + 0.5
     margin = 1.5
-    inside = ((xx > corners[0, 0] + margin) & (xx < corners[1, 0] - margin)
-              & (yy > corners[0, 1] + margin) & (yy < corners[1, 1] - margin))
-    outside = ((xx < corners[0, 0] - margin) | (xx > corners[1, 0] + margin)
-               | (yy < corners[0, 1] - margin) | (yy > corners[1, 1] + margin))
+    inside = (
+        (xx > corners[0, 0] + margin)
+        & (xx < corners[1, 0] - margin)
+        & (yy > corners[0, 1] + margin)
+        & (yy < corners[1, 1] - margin)
+    )
+    outside = (
+        (xx < corners[0, 0] - margin)
+        | (xx > corners[1, 0] + margin)
+        | (yy < corners[0, 1] - margin)
+        | (yy > corners[1, 1] + margin)
+    )
     assert np.allclose(got[inside], 1.0, atol=1e-5)
     assert np.allclose(got[outside], 0.0, atol=1e-5)
     assert abs(got.sum() - np.prod(corners[1] - corners[0])) < 0.02 * got.sum()

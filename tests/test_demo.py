@@ -31,8 +31,9 @@ def _iou(body, params, masks, size):
 
     verts = _vertices(body, params["pose"], params["betas"]).float()
     cam = PinholeCamera.spin_crop(len(verts), 5000 * size / 224, size)
-    sil = hard_silhouette(verts, body.faces, cam, size,
-                          cam_t=torch.from_numpy(params["cam_t"]).float()).numpy()
+    sil = hard_silhouette(
+        verts, body.faces, cam, size, cam_t=torch.from_numpy(params["cam_t"]).float()
+    ).numpy()
     return ((sil & masks).sum((1, 2)) / (sil | masks).sum((1, 2))).mean()
 
 
@@ -74,10 +75,17 @@ def test_demo_quick(tmp_path):
     gt_test = load_h36m(world / "h36m_test.npz").joints17()
     doc = json.loads((run_dir / "evaluate.json").read_text())
     table = {(r["method"], r["regressor"]): r["mpjpe_mm"] for r in doc["results"]}
-    regs = {name: np.load(world / "J_standard.npy") if name == "standard" else
-            np.load(run_dir / "J_opt.npy") for name in ("standard", "J_opt")}
-    for method, path in (("spin", world / "spin_test.npz"), ("vibe", world / "vibe_output.pkl"),
-                         ("meva", world / "meva_output.pkl")):
+    regs = {
+        name: np.load(world / "J_standard.npy")
+        if name == "standard"
+        else np.load(run_dir / "J_opt.npy")
+        for name in ("standard", "J_opt")
+    }
+    for method, path in (
+        ("spin", world / "spin_test.npz"),
+        ("vibe", world / "vibe_output.pkl"),
+        ("meva", world / "meva_output.pkl"),
+    ):
         if method == "spin":
             p = np.load(path)
             pose, betas, rows = p["pose"], p["betas"], np.arange(len(gt_test))
@@ -95,12 +103,12 @@ def test_demo_quick(tmp_path):
         assert (run_dir / "figures" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Re-run: every stage is current. Recomputing the last two stages gives the same bytes.
-    again = run(out / "run_config.json", body=body)
+    again = run(out / "run_config.json", body=body).summary
     assert all(s.startswith("current") for s in again["stages"].values()), again["stages"]
     before = {n: (run_dir / n).read_bytes() for n in ("J_opt.npy", "evaluate.json")}
     for name in before:
         (run_dir / name).unlink()
-    again = run(out / "run_config.json", body=body)
+    again = run(out / "run_config.json", body=body).summary
     assert again["stages"]["refine"].startswith("current")
     assert not again["stages"]["fit_J_opt"].startswith("current")
     for name, data in before.items():
@@ -116,15 +124,17 @@ def test_demo_pipeline_on_cuda_under_the_device_tracker(tmp_path, capsys):
     from jregfix.body.anny import AnnyBody
     from jregfix.cli import main
     from jregfix.stages.run import run
-    from jregfix.stages.world import WorldConfig, demo_run_config, generate_world
+    from jregfix.synthetic.demo import demo_run_config
+    from jregfix.synthetic.world import WorldConfig, generate_world
     from tests.device_tracker import DeviceTracker
 
     assert main(["demo", "--device", "gpu", "--out", str(tmp_path / "bad")]) == 1
     assert "--device 'gpu' is not a device" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before the world is generated
     body = AnnyBody()
-    world = WorldConfig(train_subjects=("S1",), test_subjects=("S9",), frames=2, crop_size=48,
-                        seed=1)
+    world = WorldConfig(
+        train_subjects=("S1",), test_subjects=("S9",), frames=2, crop_size=48, seed=1
+    )
     generate_world(tmp_path / "world", world, body, lambda _m: None)
     results = {}
     for device in ("cuda", "cpu"):
@@ -136,7 +146,7 @@ def test_demo_pipeline_on_cuda_under_the_device_tracker(tmp_path, capsys):
         config["refine"] |= {"iters": 0, "batch_size": 4}
         config["figures"]["frames"] = 2
         with DeviceTracker() if device == "cuda" else contextlib.nullcontext():
-            results[device] = run(config | {"device": device}, body=body)
+            results[device] = run(config | {"device": device}, body=body).summary
         body.to("cpu")
     assert results["cuda"]["evaluate"]["results"] == results["cpu"]["evaluate"]["results"]
     for name in ("J_spin.npy", "J_opt.npy", "figures/silhouettes.png", "figures/poses.png"):

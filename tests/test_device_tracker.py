@@ -1,5 +1,7 @@
 """The device tracker itself: it must catch what a GPU would reject and count syncs exactly."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,11 @@ def test_factories_moves_and_modules_are_tagged():
         z = torch.from_numpy(np.ones(3)).to("cuda", torch.float32)
         w = torch.ones(2).cuda()
         assert (x.device, y.device, z.device, w.device) == (
-            torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 0),
-            torch.device("cuda", 0))
+            torch.device("cuda", 0),
+            torch.device("cuda", 1),
+            torch.device("cuda", 0),
+            torch.device("cuda", 0),
+        )
         assert x.is_cuda and t.is_tagged(x[1:].t()) and t.is_tagged((x + 1).sum(0))
         host = x.cpu()
         assert host.device.type == "cpu" and not t.is_tagged(host) and t.is_tagged(x)
@@ -53,11 +58,9 @@ def test_catches_numpy_on_a_gpu_tensor_even_if_swallowed():
         torch.ones(3, device="cuda").numpy()
     with pytest.raises(HostReadError), DeviceTracker():
         np.asarray(torch.ones(3, device="cuda"))
-    with pytest.raises(HostReadError), DeviceTracker():
-        try:
-            torch.ones(3, device="cuda").numpy()
-        except Exception:  # code under test hiding the failure does not hide it from the test
-            pass
+    # code under test hiding the failure does not hide it from the test
+    with pytest.raises(HostReadError), DeviceTracker(), contextlib.suppress(Exception):
+        torch.ones(3, device="cuda").numpy()
     with DeviceTracker() as t:
         assert torch.ones(3, device="cuda").cpu().numpy().sum() == 3
         assert t.syncs == 1
@@ -89,8 +92,9 @@ def test_counts_syncs_of_a_toy_loop_exactly():
 def test_autograd_and_adam_stay_on_the_device_without_syncs():
     torch.manual_seed(0)
     with DeviceTracker() as t:
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-                                    torch.nn.Linear(8, 1)).cuda()
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+        ).cuda()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         data = torch.randn(16, 4, device="cuda")
         t.reset()
@@ -111,6 +115,7 @@ def test_deterministic_mode_rejects_ops_without_a_deterministic_cuda_kernel():
             torch.histc(torch.rand(10, device="cuda"), bins=4, min=0, max=1)
         with DeviceTracker():  # scatter_add_ has a deterministic CUDA path
             torch.zeros(3, device="cuda").scatter_add_(
-                0, torch.tensor([0, 0, 2], device="cuda"), torch.ones(3, device="cuda"))
+                0, torch.tensor([0, 0, 2], device="cuda"), torch.ones(3, device="cuda")
+            )
     finally:
         torch.use_deterministic_algorithms(before)

@@ -20,8 +20,8 @@ import torch.multiprocessing as mp
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.exact_sum import ExactSum, limbs_value, split_limbs
-from jregfix.stages.fit_regressor import FitConfig
-from jregfix.stages.refine import RefineConfig
+from jregfix.methods.fitting import FitConfig
+from jregfix.methods.refinement import RefineConfig
 from jregfix.stages.silhouettes import SilhouetteConfig
 from jregfix.stages.spin import SpinConfig
 from tests import dist_helpers
@@ -35,8 +35,7 @@ from tests.test_spin_stage import setup  # noqa: F401
 
 def test_exact_sum_is_exact_and_order_free():
     rng = np.random.default_rng(0)
-    parts = [rng.normal(size=(6, 5)) * 10.0 ** rng.uniform(-12, 12, size=(6, 5))
-             for _ in range(40)]
+    parts = [rng.normal(size=(6, 5)) * 10.0 ** rng.uniform(-12, 12, size=(6, 5)) for _ in range(40)]
     # the reference: math.fsum, Shewchuk's exactly rounded sum, entry by entry
     ref = np.array([[math.fsum(p[i, j] for p in parts) for j in range(5)] for i in range(6)])
     totals = []
@@ -46,7 +45,7 @@ def test_exact_sum_is_exact_and_order_free():
             acc.add(parts[k])
         totals.append(acc.value())
     assert all(np.array_equal(t, totals[0]) for t in totals[1:])
-    np.testing.assert_allclose(totals[0], ref, rtol=1e-15, atol=40 * 2.0 ** -65)  # dropped bits
+    np.testing.assert_allclose(totals[0], ref, rtol=1e-15, atol=40 * 2.0**-65)  # dropped bits
     # split in halves and merged (what ranks and shards do): same bits
     a, b = ExactSum((6, 5)), ExactSum((6, 5))
     for k in range(40):
@@ -77,16 +76,21 @@ def _fit_data(tmp_path, smpl_body):
 
     gen = torch.Generator().manual_seed(11)
     n = 150
-    verts = batch_vertices(smpl_body, torch.randn(n, 72, generator=gen) * 0.4,
-                           torch.randn(n, 10, generator=gen)).double().numpy()
+    verts = (
+        batch_vertices(
+            smpl_body, torch.randn(n, 72, generator=gen) * 0.4, torch.randn(n, 10, generator=gen)
+        )
+        .double()
+        .numpy()
+    )
     w = planted_regressor(np.random.default_rng(2), 6)
     joints = np.einsum("kv,nvc->nkc", w, verts)
-    joints = joints - joints[:, :1] + np.random.default_rng(3).normal(scale=2e-3,
-                                                                      size=joints.shape)
+    joints = joints - joints[:, :1] + np.random.default_rng(3).normal(scale=2e-3, size=joints.shape)
     # candidates: each row's planted vertices plus their 40 nearest template neighbours
     tmpl = verts[0]
-    cand = np.stack([np.argsort(np.linalg.norm(tmpl - tmpl[np.flatnonzero(r)].mean(0), axis=1))
-                     [:40] for r in w])
+    cand = np.stack(
+        [np.argsort(np.linalg.norm(tmpl - tmpl[np.flatnonzero(r)].mean(0), axis=1))[:40] for r in w]
+    )
     cand = np.sort(np.concatenate([cand, np.stack([np.flatnonzero(r)[:6] for r in w])], 1), 1)
     path = tmp_path / "fit.npz"
     np.savez(path, verts=verts, joints=joints, candidates=cand)
@@ -114,15 +118,32 @@ def _refine_inputs(world):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_refine_two_ranks_equals_one_process_with_the_same_grouping(world, smpl_pkl,  # noqa: F811
-                                                                   tmp_path):
+def test_refine_two_ranks_equals_one_process_with_the_same_grouping(
+    world,  # noqa: F811
+    smpl_pkl,
+    tmp_path,
+):
     grouped = RefineConfig(iters=4, batch_size=2, image_size=SIZE, batches_per_disc_step=2)
     per_process = RefineConfig(iters=4, batch_size=2, image_size=SIZE)  # 2 ranks -> 2
     inputs = _refine_inputs(world)
-    dist_helpers.launch(dist_helpers.refine_worker, 1, smpl_pkl, inputs, tmp_path / "one.npz",
-                        grouped, tmp_path / "one_log.npy")
-    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, tmp_path / "two.npz",
-                        per_process, tmp_path / "two_log.npy")
+    dist_helpers.launch(
+        dist_helpers.refine_worker,
+        1,
+        smpl_pkl,
+        inputs,
+        tmp_path / "one.npz",
+        grouped,
+        tmp_path / "one_log.npy",
+    )
+    dist_helpers.launch(
+        dist_helpers.refine_worker,
+        2,
+        smpl_pkl,
+        inputs,
+        tmp_path / "two.npz",
+        per_process,
+        tmp_path / "two_log.npy",
+    )
     assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
     logs = [np.load(tmp_path / f"two_log_rank{r}.npy") for r in range(2)]
     assert [int(log[0]) for log in logs] == [2, 2]  # 4 batches dealt out 2 + 2
@@ -134,18 +155,36 @@ def test_refine_two_ranks_equals_one_process_with_the_same_grouping(world, smpl_
 def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # noqa: F811
     config = RefineConfig(iters=3, batch_size=1, image_size=SIZE)  # 8 batches, 4 groups of 2
     inputs = _refine_inputs(world)
-    dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, tmp_path / "ref.npz",
-                        config, tmp_path / "ref_log.npy")
+    dist_helpers.launch(
+        dist_helpers.refine_worker,
+        2,
+        smpl_pkl,
+        inputs,
+        tmp_path / "ref.npz",
+        config,
+        tmp_path / "ref_log.npy",
+    )
     out = tmp_path / "out.npz"
     # rank 1 dies right after saving its 2nd batch (batch 3): rank 0 cannot pass group 1
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        dist_helpers.launch(dist_helpers.refine_worker, 2, smpl_pkl, inputs, out, config,
-                            tmp_path / "killed_log.npy", (1, 2))
+        dist_helpers.launch(
+            dist_helpers.refine_worker,
+            2,
+            smpl_pkl,
+            inputs,
+            out,
+            config,
+            tmp_path / "killed_log.npy",
+            (1, 2),
+        )
     chunks = sorted((tmp_path / "out.npz.chunks").glob("chunk_*.npz"))
     names = {c.name for c in chunks}
     # batches 0, 1 and 3 are saved; rank 0 may be stopped before or after saving batch 2
-    assert not out.exists() and {"chunk_000000.npz", "chunk_000001.npz", "chunk_000003.npz"} \
-        <= names <= {f"chunk_{i:06d}.npz" for i in range(4)}
+    assert not out.exists() and {
+        "chunk_000000.npz",
+        "chunk_000001.npz",
+        "chunk_000003.npz",
+    } <= names <= {f"chunk_{i:06d}.npz" for i in range(4)}
     for c in chunks:  # complete files only (atomic writes), each with its batch's frame
         with np.load(c) as z:
             assert len(z["rows"]) == 1 and np.isfinite(z["pred_rotmat"]).all()
@@ -156,8 +195,9 @@ def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # 
     with pytest.raises(JregfixError, match="cannot be dealt out to 3 processes"):
         refine(*inputs[:3], SMPLBody(smpl_pkl), inputs[3], out, config, ranks=Ranks(0, 3))
     # ...one process can: it adopts the recorded grouping instead of starting over
-    dist_helpers.launch(dist_helpers.refine_worker, 1, smpl_pkl, inputs, out, config,
-                        tmp_path / "resumed_log.npy")
+    dist_helpers.launch(
+        dist_helpers.refine_worker, 1, smpl_pkl, inputs, out, config, tmp_path / "resumed_log.npy"
+    )
     log = np.load(tmp_path / "resumed_log_rank0.npy")
     # only the missing batches were optimised, the finished ones were reused
     assert int(log[0]) == 8 - len(chunks) and int(log[1]) == len(chunks)
@@ -168,16 +208,16 @@ def test_refine_rank_killed_mid_run_then_resumed(world, smpl_pkl, tmp_path):  # 
 @pytest.mark.slow
 def test_spin_two_ranks_identical_and_resumes_after_a_kill(setup, tmp_path):  # noqa: F811
     config = SpinConfig(batch_size=1, chunk_size=1, device="cpu", workers=1)
-    dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, tmp_path / "one.npz"),
-                        config)
+    dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, tmp_path / "one.npz"), config)
     out = tmp_path / "two.npz"
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
         dist_helpers.launch(dist_helpers.spin_worker, 2, spin_args(setup, out), config, (1, 1))
     left = sorted(p.name for p in (tmp_path / "two.npz.chunks").glob("chunk_*.npz"))
     assert "chunk_000001.npz" in left and not out.exists()
     # resume with one process: the finished chunks (the dead rank's too) are not recomputed
-    dist_helpers.launch(dist_helpers.spin_worker, 1, spin_args(setup, out), config, None,
-                        tmp_path / "log.npy")
+    dist_helpers.launch(
+        dist_helpers.spin_worker, 1, spin_args(setup, out), config, None, tmp_path / "log.npy"
+    )
     assert np.load(tmp_path / "log.npy").tolist() == [len(left), 5]
     assert out.read_bytes() == (tmp_path / "one.npz").read_bytes()
 
@@ -196,11 +236,23 @@ def test_silhouettes_two_ranks_identical(data, tmp_path):  # noqa: F811
 def jregfix_cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
     """`python -m jregfix ARGS`, under `torchrun --nproc-per-node N` when N > 1 (one thread
     per process either way); asserts success."""
-    launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-                str(processes), "--master-port", str(dist_helpers.free_port())]
-    done = subprocess.run([sys.executable, *(launcher if processes > 1 else []), "-m",
-                           "jregfix", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(processes),
+        "--master-port",
+        str(dist_helpers.free_port()),
+    ]
+    done = subprocess.run(
+        [sys.executable, *(launcher if processes > 1 else []), "-m", "jregfix", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -209,9 +261,25 @@ def jregfix_cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
 def test_torchrun_refine_cli_matches_single_process(world, smpl_pkl, tmp_path):  # noqa: F811
     """The real launcher: `torchrun --nproc-per-node 2 -m jregfix refine ...`."""
     init, gt, sil, j_spin = _refine_inputs(world)
-    common = ["refine", "--init", str(init), "--gt", str(gt), "--silhouettes", str(sil),
-              "--smpl", str(smpl_pkl), "--joint-regressor", str(j_spin), "--iters", "3",
-              "--batch-size", "2", "--image-size", str(SIZE)]
+    common = [
+        "refine",
+        "--init",
+        str(init),
+        "--gt",
+        str(gt),
+        "--silhouettes",
+        str(sil),
+        "--smpl",
+        str(smpl_pkl),
+        "--joint-regressor",
+        str(j_spin),
+        "--iters",
+        "3",
+        "--batch-size",
+        "2",
+        "--image-size",
+        str(SIZE),
+    ]
     two = jregfix_cli([*common, "--out", str(tmp_path / "two.npz")], 2)
     jregfix_cli([*common, "--batches-per-disc-step", "2", "--out", str(tmp_path / "one.npz")], 1)
     assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()
@@ -250,6 +318,7 @@ def test_a_failing_rank_names_itself(monkeypatch, capsys):
 # torchrun edge cases on fake GPUs: torch.cuda reports N devices and set_device records the
 # index it is given; the NCCL group the code asks for is formed over gloo instead.
 
+
 def _fake_gpu_worker(rank: int, ports: list[int], out_dir) -> None:
     import torch
     import torch.distributed as dist
@@ -268,23 +337,30 @@ def _fake_gpu_worker(rank: int, ports: list[int], out_dir) -> None:
     torch.cuda.device_count = lambda: visible["count"]
     torch.cuda.set_device = set_device
     real_init = dist.init_process_group
-    dist.init_process_group = lambda backend, **kw: backends.append(backend) or \
-        real_init("gloo", **kw)
+    dist.init_process_group = lambda backend, **kw: (
+        backends.append(backend) or real_init("gloo", **kw)
+    )
 
     def join(port, count, env):
         visible["count"] = count
         for key in ("LOCAL_RANK", "SLURM_LOCALID"):
             os.environ.pop(key, None)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE="2", **env)
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", **env
+        )
         try:
             ranks = distributed.init_from_env("cuda", timeout_s=20)
         except Exception as exc:  # recorded for the test to read
             return {"error": f"{type(exc).__name__}: {exc}"}
-        seen = {"set_device": chosen[-1], "backend": backends[-1],
-                "local_rank": ranks.local_rank, "current": distributed.current().local_rank,
-                "device": str(ranks.device("cuda")), "auto": str(ranks.device("auto")),
-                "sum": int(ranks.all_reduce_sum(torch.tensor([rank + 1]))[0])}
+        seen = {
+            "set_device": chosen[-1],
+            "backend": backends[-1],
+            "local_rank": ranks.local_rank,
+            "current": distributed.current().local_rank,
+            "device": str(ranks.device("cuda")),
+            "auto": str(ranks.device("auto")),
+            "sum": int(ranks.all_reduce_sum(torch.tensor([rank + 1]))[0]),
+        }
         try:
             ranks.device("cuda:1")
         except Exception as exc:
@@ -366,8 +442,23 @@ def test_torchrun_cli_refuses_an_explicit_gpu_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    args = ["refine", "--init", "i.npz", "--gt", "g.npz", "--silhouettes", "s.npz", "--smpl",
-            "m.pkl", "--joint-regressor", "J.npy", "--out", "o.npz", "--device", "cuda:1"]
+    args = [
+        "refine",
+        "--init",
+        "i.npz",
+        "--gt",
+        "g.npz",
+        "--silhouettes",
+        "s.npz",
+        "--smpl",
+        "m.pkl",
+        "--joint-regressor",
+        "J.npy",
+        "--out",
+        "o.npz",
+        "--device",
+        "cuda:1",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "--device cuda:1: under torchrun every process uses the GPU of its LOCAL_RANK" in err

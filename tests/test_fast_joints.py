@@ -76,8 +76,10 @@ def test_auto_folds_wide_rows_and_skins_narrow_ones(body64, rng):
     auto = RegressedJoints(body64, reg, [17, 17])
     assert auto.paths == ["folded", "sparse"]
     assert auto.num_sparse == int((narrow != 0).any(0).sum())
-    cost = {m: RegressedJoints(body64, reg, [17, 17], mode=m).macs_per_frame
-            for m in ("sparse", "folded")}
+    cost = {
+        m: RegressedJoints(body64, reg, [17, 17], mode=m).macs_per_frame
+        for m in ("sparse", "folded")
+    }
     assert auto.macs_per_frame < min(cost.values())
     # A block of all-zero rows costs nothing either way and gives zeros.
     zero = RegressedJoints(body64, torch.zeros(3, 6890, dtype=torch.float64))
@@ -128,10 +130,18 @@ def world(body64, tmp_path_factory):
     np.save(root / "wide.npy", wide)
     np.save(root / "narrow.npy", np.abs(narrow) / np.abs(narrow).sum(1, keepdims=True))
     gt17 = np.einsum("kv,nvc->nkc", wide, verts) + rng.normal(size=(N, 17, 3)) * 0.02
-    names = [h36m_imgname(["S9", "S11"][i % 2], ["Walking_1", "Sitting 2"][(i // 2) % 2],
-                          ["54138969", "60457274"][(i // 4) % 2], i + 1) for i in range(N)]
-    save_h36m(root / "gt.npz", names, np.full((N, 2), 500.0), np.full(N, 2.0),
-              joints17_to_s24(gt17))
+    names = [
+        h36m_imgname(
+            ["S9", "S11"][i % 2],
+            ["Walking_1", "Sitting 2"][(i // 2) % 2],
+            ["54138969", "60457274"][(i // 4) % 2],
+            i + 1,
+        )
+        for i in range(N)
+    ]
+    save_h36m(
+        root / "gt.npz", names, np.full((N, 2), 500.0), np.full(N, 2.0), joints17_to_s24(gt17)
+    )
     pred_aa = (aa + rng.normal(size=aa.shape) * 0.1).reshape(N, 72)
     pred_betas = betas + rng.normal(size=betas.shape) * 0.5
     np.savez(root / "spin.npz", pose=pred_aa, betas=pred_betas)
@@ -140,9 +150,19 @@ def world(body64, tmp_path_factory):
     file_verts = body64.vertices(pred_rot.view(N, 24, 3, 3), torch.from_numpy(pred_betas))
     file_verts = (file_verts.numpy() + rng.normal(size=(N, 6890, 3)) * 0.01).astype(np.float32)
     ids = np.arange(N)
-    joblib.dump({1: {"pose": pred_aa, "betas": pred_betas, "frame_ids": ids,
-                     "verts": file_verts, "pred_cam": np.zeros((N, 3)), "joints2d": None}},
-                root / "vibe_output.pkl")
+    joblib.dump(
+        {
+            1: {
+                "pose": pred_aa,
+                "betas": pred_betas,
+                "frame_ids": ids,
+                "verts": file_verts,
+                "pred_cam": np.zeros((N, 3)),
+                "joints2d": None,
+            }
+        },
+        root / "vibe_output.pkl",
+    )
     return dict(root=root, file_verts=file_verts, gt17=gt17, wide=wide)
 
 
@@ -150,26 +170,38 @@ def _numbers(doc):
     out = {}
     for res in doc["results"]:
         key = (res["method"], res["regressor"])
-        out[key] = [res["mpjpe_mm"], res["pa_mpjpe_mm"], *res["per_joint_mm"].values(),
-                    *res["per_joint_pa_mm"].values(),
-                    *[v for a in res["per_action"].values() for v in a.values()]]
+        out[key] = [
+            res["mpjpe_mm"],
+            res["pa_mpjpe_mm"],
+            *res["per_joint_mm"].values(),
+            *res["per_joint_pa_mm"].values(),
+            *[v for a in res["per_action"].values() for v in a.values()],
+        ]
     return out
 
 
 @pytest.mark.parametrize(("protocol", "joints"), [("p1", 14), ("p2", 17)])
-def test_evaluate_numbers_equal_the_full_mesh_path(world, body64, protocol, joints,
-                                                   monkeypatch):
+def test_evaluate_numbers_equal_the_full_mesh_path(world, body64, protocol, joints, monkeypatch):
     r = world["root"]
-    args = ([("spin", r / "spin.npz"), ("vibe", r / "vibe_output.pkl")], r / "gt.npz",
-            {"wide": r / "wide.npy", "narrow": r / "narrow.npy"})
-    kw = dict(joints=joints, protocol=protocol, per_action=True, frame_ids="rows",
-              bootstrap=50, chunk_size=20)
+    args = (
+        [("spin", r / "spin.npz"), ("vibe", r / "vibe_output.pkl")],
+        r / "gt.npz",
+        {"wide": r / "wide.npy", "narrow": r / "narrow.npy"},
+    )
+    kw = dict(
+        joints=joints,
+        protocol=protocol,
+        per_action=True,
+        frame_ids="rows",
+        bootstrap=50,
+        chunk_size=20,
+    )
     full_body = FullMesh(body64)
-    full = _numbers(evaluate(*args, body=full_body, **kw))
+    full = _numbers(evaluate(*args, body=full_body, **kw).summary)
     assert full_body.vertex_calls > 0
     # The fast path never skins the whole mesh.
     monkeypatch.setattr(body64, "vertices", lambda *a: pytest.fail("full mesh skinned"))
-    fast = _numbers(evaluate(*args, body=body64, **kw))
+    fast = _numbers(evaluate(*args, body=body64, **kw).summary)
     assert fast.keys() == full.keys() and len(fast) == 4
     for key, values in full.items():
         np.testing.assert_allclose(fast[key], values, rtol=0, atol=1e-4)
@@ -177,8 +209,15 @@ def test_evaluate_numbers_equal_the_full_mesh_path(world, body64, protocol, join
 
 def test_vibe_keeps_the_vertices_of_its_file(world, body64):
     r = world["root"]
-    doc = evaluate([("vibe", r / "vibe_output.pkl")], r / "gt.npz", {"wide": r / "wide.npy"},
-                   body=body64, joints=17, frame_ids="rows", bootstrap=10)
+    doc = evaluate(
+        [("vibe", r / "vibe_output.pkl")],
+        r / "gt.npz",
+        {"wide": r / "wide.npy"},
+        body=body64,
+        joints=17,
+        frame_ids="rows",
+        bootstrap=10,
+    ).summary
     pred = np.einsum("kv,nvc->nkc", world["wide"], world["file_verts"].astype(np.float64))
     gt = world["gt17"] - world["gt17"][:, :1]
     expected = 1000 * np.linalg.norm(pred - pred[:, :1] - gt, axis=-1).mean()

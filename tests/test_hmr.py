@@ -27,8 +27,12 @@ def expected_keys() -> dict[str, tuple]:
         keys[f"{name}.num_batches_tracked"] = ()
 
     bn("bn1", 64)
-    for layer, blocks, p, in0, inn in ((1, 3, 64, 64, 256), (2, 4, 128, 256, 512),
-                                       (3, 6, 256, 512, 1024), (4, 3, 512, 1024, 2048)):
+    for layer, blocks, p, in0, inn in (
+        (1, 3, 64, 64, 256),
+        (2, 4, 128, 256, 512),
+        (3, 6, 256, 512, 1024),
+        (4, 3, 512, 1024, 2048),
+    ):
         for b in range(blocks):
             pre = f"layer{layer}.{b}"
             keys[f"{pre}.conv1.weight"] = (p, in0 if b == 0 else inn, 1, 1)
@@ -40,8 +44,13 @@ def expected_keys() -> dict[str, tuple]:
             if b == 0:
                 keys[f"{pre}.downsample.0.weight"] = (4 * p, in0, 1, 1)
                 bn(f"{pre}.downsample.1", 4 * p)
-    for name, o, i in (("fc1", 1024, 2205), ("fc2", 1024, 1024), ("decpose", 144, 1024),
-                       ("decshape", 10, 1024), ("deccam", 3, 1024)):
+    for name, o, i in (
+        ("fc1", 1024, 2205),
+        ("fc2", 1024, 1024),
+        ("decpose", 144, 1024),
+        ("decshape", 10, 1024),
+        ("deccam", 3, 1024),
+    ):
         keys[f"{name}.weight"] = (o, i)
         keys[f"{name}.bias"] = (o,)
     keys.update({"init_pose": (1, 144), "init_shape": (1, 10), "init_cam": (1, 3)})
@@ -68,8 +77,11 @@ def random_hmr_state(seed: int = 0) -> dict[str, torch.Tensor]:
 def write_mean_params(path: Path) -> dict[str, np.ndarray]:
     pose = np.tile(np.array([1, 0, 0, 1, 0, 0], np.float32), 24)
     pose[:6] = [1, 0, 0, -1, 0, 0]
-    arrays = {"pose": pose, "shape": np.linspace(-0.3, 0.4, 10).astype(np.float32),
-              "cam": np.array([0.9, 0, 0], np.float32)}
+    arrays = {
+        "pose": pose,
+        "shape": np.linspace(-0.3, 0.4, 10).astype(np.float32),
+        "cam": np.array([0.9, 0, 0], np.float32),
+    }
     np.savez(path, **arrays)
     return arrays
 
@@ -82,9 +94,12 @@ def test_key_set_matches_official_layout():
     assert {k: tuple(v.shape) for k, v in sd.items()} == exp
     params = [n for n, _ in model.named_parameters()]
     assert len(params) == 169
-    assert params == [k for k in exp if not any(
-        k.endswith(s) for s in ("running_mean", "running_var", "num_batches_tracked"))
-        and not k.startswith("init_")]
+    assert params == [
+        k
+        for k in exp
+        if not any(k.endswith(s) for s in ("running_mean", "running_var", "num_batches_tracked"))
+        and not k.startswith("init_")
+    ]
     assert sum(p.numel() for p in model.parameters()) == 26_977_501
 
 
@@ -97,8 +112,10 @@ def gram_schmidt_interleaved(v: np.ndarray) -> np.ndarray:
     return np.stack([b1, b2, np.cross(b1, b2)], 1)
 
 
-@pytest.mark.skipif(not (FIXTURES / "smpl_mean_params.npz").is_file(),
-                    reason="../shared/fixtures/smpl_mean_params.npz not present")
+@pytest.mark.skipif(
+    not (FIXTURES / "smpl_mean_params.npz").is_file(),
+    reason="../shared/fixtures/smpl_mean_params.npz not present",
+)
 def test_mean_params_fixture_orientation():
     means = load_mean_params(FIXTURES / "smpl_mean_params.npz")
     pose = means["init_pose"].double().reshape(24, 6)
@@ -150,8 +167,12 @@ def test_legacy_checkpoint_roundtrip_and_forward(tmp_path):
     assert torch.allclose(out.pose_6d, pose, atol=1e-4)
     assert torch.allclose(out.betas, shape, atol=1e-4)
     assert torch.allclose(out.camera, cam, atol=1e-4)
-    ref_rot = np.stack([[gram_schmidt_interleaved(v) for v in p.reshape(24, 6)]
-                        for p in out.pose_6d.double().numpy()])
+    ref_rot = np.stack(
+        [
+            [gram_schmidt_interleaved(v) for v in p.reshape(24, 6)]
+            for p in out.pose_6d.double().numpy()
+        ]
+    )
     assert np.allclose(out.rotmat.numpy(), ref_rot, atol=1e-5)
 
 

@@ -29,8 +29,11 @@ def correlated_world(rng, num_sequences, delta, effect_sd=2.0, frame_sd=0.5):
     lengths = rng.integers(5, 60, num_sequences)
     labels = np.repeat(np.arange(num_sequences), lengths)
     level = rng.normal(50, 8, num_sequences)[labels] + rng.normal(0, 3, len(labels))
-    diff = delta + rng.normal(0, effect_sd, num_sequences)[labels] \
+    diff = (
+        delta
+        + rng.normal(0, effect_sd, num_sequences)[labels]
         + rng.normal(0, frame_sd, len(labels))
+    )
     return np.stack([level, level + diff], 1), labels
 
 
@@ -45,7 +48,7 @@ def test_matches_slow_loop_on_the_same_draws():
     means = values.mean(0)
     np.testing.assert_allclose(res.difference, means[None] - means[:, None], atol=1e-12)
     assert res.sequences == len(set(labels)) and res.frames == 90
-    assert (res.lower[0, 1] < res.difference[0, 1] < res.upper[0, 1])
+    assert res.lower[0, 1] < res.difference[0, 1] < res.upper[0, 1]
     np.testing.assert_allclose(res.lower, -res.upper.T, atol=1e-9)  # b-a mirrors a-b
 
 

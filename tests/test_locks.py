@@ -24,13 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 def start(code_or_args: list[str], fault: str, cwd: Path) -> subprocess.Popen:
     """A Python child (``-c CODE`` or ``-m jregfix ARGS``) with ``JREGFIX_FAULT=fault``; returns
     once it reports that it paused at the fault point."""
-    env = {**os.environ, "JREGFIX_FAULT": fault, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "JREGFIX_FAULT": fault, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps
     # it ignored: give the child the default handler so the Ctrl-C test means the same anywhere.
-    proc = subprocess.Popen([sys.executable, *code_or_args], env=env, cwd=cwd,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, *code_or_args],
+        env=env,
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -57,8 +61,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
         assert time.monotonic() - t0 < 3  # no waiting for the holder
         message = str(err.value)
         assert "\n" not in message
-        assert f"pid {holder.pid} on {socket.gethostname()} since {info['started_utc']}" \
-            in message
+        assert f"pid {holder.pid} on {socket.gethostname()} since {info['started_utc']}" in message
     finally:
         holder.kill()
         holder.wait()
@@ -66,10 +69,14 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
 
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
     out = tmp_path / "o.npz"
-    dead = subprocess.run([sys.executable, "-c", f"from jregfix.io.lock import output_lock\n"
-                           f"with output_lock({str(out)!r}): pass"],
-                          env={**os.environ, "JREGFIX_FAULT": "after-lock",
-                               "PYTHONPATH": str(REPO)})
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (f"from jregfix.io.lock import output_lock\nwith output_lock({str(out)!r}): pass"),
+        ],
+        env={**os.environ, "JREGFIX_FAULT": "after-lock", "PYTHONPATH": str(REPO)},
+    )
     assert dead.returncode == -signal.SIGKILL
     left = json.loads(lock_path(out).read_text())  # the dead holder's name stays behind
     assert left["pid"] != os.getpid() and left["host"] == socket.gethostname()
@@ -85,10 +92,12 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
 
 def test_same_process_cannot_lock_twice_and_no_lock_env_skips(tmp_path, monkeypatch):
     out = tmp_path / "o.npz"
-    with output_lock(out):
-        with pytest.raises(JregfixError, match="already being written by this process"), \
-                output_lock(out):
-            pass
+    with (
+        output_lock(out),
+        pytest.raises(JregfixError, match="already being written by this process"),
+        output_lock(out),
+    ):
+        pass
     monkeypatch.setenv("JREGFIX_NO_LOCK", "1")
     holder = None
     try:
@@ -121,23 +130,45 @@ def test_chunk_of_another_fingerprint_is_never_adopted(tmp_path):
 
 
 def refine_args(world, smpl_pkl, out, iters):  # noqa: F811
-    return ["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
-            "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
-            "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
-            "--iters", str(iters), "--batch-size", "2", "--image-size", str(SIZE)]
+    return [
+        "refine",
+        "--init",
+        str(world / "init.npz"),
+        "--gt",
+        str(world / "gt.npz"),
+        "--silhouettes",
+        str(world / "sil.npz"),
+        "--smpl",
+        str(smpl_pkl),
+        "--joint-regressor",
+        str(world / "J_spin.npy"),
+        "--out",
+        str(out),
+        "--iters",
+        str(iters),
+        "--batch-size",
+        "2",
+        "--image-size",
+        str(SIZE),
+    ]
 
 
 @pytest.mark.slow
-def test_two_concurrent_refines_on_one_output_through_the_cli(world, smpl_pkl, tmp_path,  # noqa: F811
-                                                              capsys):
+def test_two_concurrent_refines_on_one_output_through_the_cli(
+    world,  # noqa: F811
+    smpl_pkl,
+    tmp_path,
+    capsys,
+):
     """The issue's repro: a second `refine` with another --iters, started once the first has
     written chunk 0, fails at once naming the first; after the first is killed, it takes the
     stale lock over, discards the other run's chunk and equals a clean run."""
     from jregfix.cli import main
 
     out = tmp_path / "o" / "r.npz"
-    first = start(["-m", "jregfix", *refine_args(world, smpl_pkl, out, 30)],
-                  "after-chunk:pause", tmp_path)
+    first = start(
+        ["-m", "jregfix", *refine_args(world, smpl_pkl, out, 30)], "after-chunk:pause", tmp_path
+    )
     try:
         chunk0 = out.with_name("r.npz.chunks") / "chunk_000000.npz"
         before = chunk0.read_bytes()
@@ -163,8 +194,9 @@ def test_two_concurrent_refines_on_one_output_through_the_cli(world, smpl_pkl, t
 @pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(world, smpl_pkl, tmp_path):  # noqa: F811
     out = tmp_path / "r.npz"
-    proc = start(["-m", "jregfix", *refine_args(world, smpl_pkl, out, 2)], "after-lock:pause",
-                 tmp_path)
+    proc = start(
+        ["-m", "jregfix", *refine_args(world, smpl_pkl, out, 2)], "after-lock:pause", tmp_path
+    )
     proc.send_signal(signal.SIGINT)
     try:
         _, rest = proc.communicate(timeout=60)

@@ -55,8 +55,11 @@ def legacy_name(key):
     them in conv blocks (torchvision still renames these when loading old files)."""
     key = re.sub(r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv.", key)
     key = re.sub(r"^(backbone\.fpn\.(inner|layer)_blocks\.\d)\.0\.", r"\1.", key)
-    return re.sub(r"^roi_heads\.mask_head\.(\d)\.0\.",
-                  lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.", key)
+    return re.sub(
+        r"^roi_heads\.mask_head\.(\d)\.0\.",
+        lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.",
+        key,
+    )
 
 
 def release_state(seed: int = 0):
@@ -135,8 +138,9 @@ def test_release_loads_strictly_and_matches_torchvision(release, monkeypatch):
 
     # torchvision's own pretrained builder (a strict load), fed the file's tensors instead of
     # the download.
-    monkeypatch.setattr(MaskRCNN_ResNet50_FPN_Weights, "get_state_dict",
-                        lambda self, *args, **kwargs: legacy)
+    monkeypatch.setattr(
+        MaskRCNN_ResNet50_FPN_Weights, "get_state_dict", lambda self, *args, **kwargs: legacy
+    )
     ref = maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1, **SMALL).eval()
     x = to_tensor(image())
     with torch.no_grad():
@@ -182,10 +186,12 @@ def test_v2_release_loads(tmp_path, monkeypatch):
     torch.save(state, path)  # a 2022 file: zip serialisation
     model = build_maskrcnn(weights=path, **SMALL)
     assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)
-    monkeypatch.setattr(MaskRCNN_ResNet50_FPN_V2_Weights, "get_state_dict",
-                        lambda self, *args, **kwargs: dict(state))
-    ref = maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
-                                   **SMALL).eval()
+    monkeypatch.setattr(
+        MaskRCNN_ResNet50_FPN_V2_Weights,
+        "get_state_dict",
+        lambda self, *args, **kwargs: dict(state),
+    )
+    ref = maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, **SMALL).eval()
     x = to_tensor(image(8))
     with torch.no_grad():
         got, want = few_boxes(model)([x])[0], few_boxes(ref)([x])[0]
@@ -193,16 +199,25 @@ def test_v2_release_loads(tmp_path, monkeypatch):
     path.unlink()  # 185 MB
 
 
-
-
 def other_networks():
     """Key sets of files a user might pass by mistake, and the words the error must use."""
     v1_keys = keys_of(lambda: MaskRCNN(frozen_backbone(0), num_classes=91))
     classifier = [k for k in keys_of(resnet50) if "num_batches_tracked" not in k]
     hmr = [k for k in classifier if not k.startswith("fc.")] + [
-        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "decpose.weight", "decpose.bias",
-        "decshape.weight", "decshape.bias", "deccam.weight", "deccam.bias", "init_pose",
-        "init_shape", "init_cam"]
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "decpose.weight",
+        "decpose.bias",
+        "decshape.weight",
+        "decshape.bias",
+        "deccam.weight",
+        "deccam.bias",
+        "init_pose",
+        "init_shape",
+        "init_cam",
+    ]
     return [
         ("Faster R-CNN (no mask head)", keys_of(lambda: FasterRCNN(frozen_backbone(0), 91))),
         ("Faster R-CNN v2", keys_of(fasterrcnn_resnet50_fpn_v2, weights_backbone=None)),
@@ -241,4 +256,5 @@ def test_broken_release_layouts_refused(tmp_path):
     with pytest.raises(JregfixError, match=rf"missing \['{keys[10]}'\]") as err:
         build_maskrcnn(weights=tmp_path / "short.pth")
     assert "wrong shape ['backbone.body.conv1.weight (1,) instead of (64, 3, 7, 7)'" in str(
-        err.value)
+        err.value
+    )

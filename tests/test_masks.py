@@ -44,8 +44,13 @@ def test_roundtrip(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(JregfixError, match="disagree"):
-        save_silhouettes(tmp_path / "x.npz", np.zeros((2, 4, 4), bool), np.zeros(3),
-                         np.zeros(2, bool), ["a", "b"])
+        save_silhouettes(
+            tmp_path / "x.npz",
+            np.zeros((2, 4, 4), bool),
+            np.zeros(3),
+            np.zeros(2, bool),
+            ["a", "b"],
+        )
     assert not (tmp_path / "x.npz").exists()
     np.savez(tmp_path / "other.npz", pose=np.zeros((2, 72)))
     with pytest.raises(JregfixError, match="not a silhouettes file"):

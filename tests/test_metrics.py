@@ -16,7 +16,7 @@ def reference_pa(pred: np.ndarray, gt: np.ndarray) -> float:
     z = np.eye(3)
     z[2, 2] = np.sign(np.linalg.det(u @ v.T))
     r = v @ z @ u.T
-    scale = np.trace(r @ k) / (x1 ** 2).sum()
+    scale = np.trace(r @ k) / (x1**2).sum()
     t = mu2 - scale * r @ mu1
     aligned = scale * r @ s1 + t
     return float(np.sqrt(((aligned - s2) ** 2).sum(0)).mean())
@@ -28,8 +28,12 @@ def test_against_per_sample_reference(rng):
     ours = pa_mpjpe(pred, gt)
     ref = np.array([reference_pa(p, g) for p, g in zip(pred, gt, strict=True)])
     np.testing.assert_allclose(ours, ref, rtol=1e-10)
-    per_frame = np.array([np.mean([np.linalg.norm(a - b) for a, b in zip(p, g, strict=True)])
-                          for p, g in zip(pred, gt, strict=True)])
+    per_frame = np.array(
+        [
+            np.mean([np.linalg.norm(a - b) for a, b in zip(p, g, strict=True)])
+            for p, g in zip(pred, gt, strict=True)
+        ]
+    )
     np.testing.assert_allclose(mpjpe(pred, gt), per_frame, rtol=1e-12)
 
 

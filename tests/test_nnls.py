@@ -38,8 +38,9 @@ def _kkt_ok(h, c, w, exact, tol):
     if exact:
         g = g - g[on].mean()
     scale = max(np.abs(c).max(), np.diag(h).max())
-    return (w >= 0).all() and (g[~on] >= -tol * scale).all() and \
-        (np.abs(g[on]) <= tol * scale).all()
+    return (
+        (w >= 0).all() and (g[~on] >= -tol * scale).all() and (np.abs(g[on]) <= tol * scale).all()
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -101,7 +102,7 @@ def test_block_gram_hessian_equals_explicit_kronecker_matrix():
     for i in range(k):
         for j in range(k):
             block = coupling[i, j] * gram[np.ix_(rows[i], rows[j])] + lam * (i == j)
-            dense[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]] = block
+            dense[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]] = block
     w = np.where(rng.random(hess.size) < 0.5, rng.random(hess.size), 0.0)
     np.testing.assert_allclose(hess.matvec(w), dense @ w, rtol=1e-12, atol=1e-12)
     idx = np.array([0, 2, 5, 9, 10])
@@ -126,8 +127,13 @@ def test_warm_start_from_a_smaller_problem_reaches_the_same_optimum(exact):
     lam = 0.0 if exact else 5.0
     h, c = a.T @ a + lam, a.T @ x + lam
     groups = np.zeros(60, dtype=int) if exact else None
-    small = solve_nnls(DenseHessian(h[:20, :20]), c[:20], groups=None if groups is None
-                       else groups[:20], exact=exact, tol=TOL)
+    small = solve_nnls(
+        DenseHessian(h[:20, :20]),
+        c[:20],
+        groups=None if groups is None else groups[:20],
+        exact=exact,
+        tol=TOL,
+    )
     w0 = np.concatenate([small.w, np.zeros(40)])
     warm = solve_nnls(DenseHessian(h), c, groups=groups, exact=exact, tol=TOL, w0=w0)
     cold = solve_nnls(DenseHessian(h), c, groups=groups, exact=exact, tol=TOL)

@@ -10,8 +10,9 @@ from jregfix.errors import JregfixError
 from jregfix.geometry.camera import PinholeCamera
 from jregfix.io.h36m import h36m_imgname, joints17_to_s24, save_h36m
 from jregfix.io.masks import save_silhouettes
+from jregfix.methods.refinement import RefineConfig
 from jregfix.render.silhouette import hard_silhouette
-from jregfix.stages.refine import RefineConfig, refine
+from jregfix.stages.refine import refine
 from tests.conftest import camera_facing_poses, planted_regressor
 
 N, SIZE = 8, 64
@@ -28,16 +29,19 @@ def world(smpl_body, tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
     aa = camera_facing_poses(rng, N, 0.2)
     betas = rng.normal(size=(N, 10)) * 0.5
-    cam_t = np.stack([rng.normal(size=N) * 0.05, 0.1 + rng.normal(size=N) * 0.05,
-                      45 + rng.normal(size=N)], 1)
-    verts = batch_vertices(smpl_body, torch.from_numpy(aa.reshape(N, 72)),
-                           torch.from_numpy(betas)).double()
+    cam_t = np.stack(
+        [rng.normal(size=N) * 0.05, 0.1 + rng.normal(size=N) * 0.05, 45 + rng.normal(size=N)], 1
+    )
+    verts = batch_vertices(
+        smpl_body, torch.from_numpy(aa.reshape(N, 72)), torch.from_numpy(betas)
+    ).double()
     j_true = planted_regressor(rng, 4)
     np.save(root / "J_spin.npy", j_true)
     gt17 = np.einsum("kv,nvc->nkc", j_true, verts.numpy())
     names = np.array([h36m_imgname("S1", "Walking_1", "54138969", i + 1) for i in range(N)])
-    save_h36m(root / "gt.npz", names, np.full((N, 2), 500.0), np.full(N, 2.0),
-              joints17_to_s24(gt17))
+    save_h36m(
+        root / "gt.npz", names, np.full((N, 2), 500.0), np.full(N, 2.0), joints17_to_s24(gt17)
+    )
     # The same GT with SPIN's 'part': the true joints through the true crop camera, in image
     # pixels. center 500 and scale 2 make the crop box [300, 700)^2: image = 300 + crop * 400/SIZE.
     cam17 = gt17 + cam_t[:, None]
@@ -47,26 +51,38 @@ def world(smpl_body, tmp_path_factory):
     part[:, J24_OF_ROW, 2] = 1
     for f, r in HIDDEN:
         part[f, J24_OF_ROW[r]] = [5.0, 990.0, 0.0]
-    save_h36m(root / "gt_2d.npz", names, np.full((N, 2), 500.0), np.full(N, 2.0),
-              joints17_to_s24(gt17), part=part)
-    np.savez(root / "truth.npz", pose=aa.reshape(N, 72), betas=betas, cam_t=cam_t,
-             imgname=names)
+    save_h36m(
+        root / "gt_2d.npz",
+        names,
+        np.full((N, 2), 500.0),
+        np.full(N, 2.0),
+        joints17_to_s24(gt17),
+        part=part,
+    )
+    np.savez(root / "truth.npz", pose=aa.reshape(N, 72), betas=betas, cam_t=cam_t, imgname=names)
     cam = PinholeCamera.spin_crop(N, FOCAL, SIZE)
-    masks = hard_silhouette(verts.float(), smpl_body.faces, cam, SIZE,
-                            cam_t=torch.from_numpy(cam_t).float()).numpy()
+    masks = hard_silhouette(
+        verts.float(), smpl_body.faces, cam, SIZE, cam_t=torch.from_numpy(cam_t).float()
+    ).numpy()
     save_silhouettes(root / "sil.npz", masks, np.ones(N), np.ones(N, bool), names)
     init_aa = aa + rng.normal(size=aa.shape) * 0.1
-    np.savez(root / "init.npz", pose=init_aa.reshape(N, 72),
-             betas=betas + rng.normal(size=betas.shape) * 0.3,
-             cam_t=cam_t + np.array([0.04, -0.04, 4.0]), imgname=names)
+    np.savez(
+        root / "init.npz",
+        pose=init_aa.reshape(N, 72),
+        betas=betas + rng.normal(size=betas.shape) * 0.3,
+        cam_t=cam_t + np.array([0.04, -0.04, 4.0]),
+        imgname=names,
+    )
     return root
 
 
 def run(world, smpl_body, out, gt="gt.npz", init="init.npz", sil="sil.npz", **kw):
-    cfg = RefineConfig(iters=kw.pop("iters", 25), batch_size=kw.pop("batch_size", 4),
-                       image_size=SIZE, **kw)
-    return refine(world / init, world / gt, world / sil, smpl_body, world / "J_spin.npy", out,
-                  cfg)
+    cfg = RefineConfig(
+        iters=kw.pop("iters", 25), batch_size=kw.pop("batch_size", 4), image_size=SIZE, **kw
+    )
+    return refine(
+        world / init, world / gt, world / sil, smpl_body, world / "J_spin.npy", out, cfg
+    ).summary
 
 
 @pytest.mark.slow
@@ -107,20 +123,27 @@ def test_resume_after_a_kill_gives_the_same_bytes(world, smpl_body, tmp_path):
 
     calls = {"chunks": 0}
 
-    def killer(done, live):
-        if not live:  # called once per finished chunk
+    def killer(step):
+        if not step.info:  # called once per finished chunk
             calls["chunks"] += 1
             if calls["chunks"] == 2:
                 raise Killed
 
     cfg = RefineConfig(iters=5, batch_size=2, image_size=SIZE)
-    args = (world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-            world / "J_spin.npy", tmp_path / "resumed.npz", cfg)
+    args = (
+        world / "init.npz",
+        world / "gt.npz",
+        world / "sil.npz",
+        smpl_body,
+        world / "J_spin.npy",
+        tmp_path / "resumed.npz",
+        cfg,
+    )
     with pytest.raises(Killed):
         refine(*args, progress=killer)
     assert not (tmp_path / "resumed.npz").exists()
     assert len(list((tmp_path / "resumed.npz.chunks").glob("chunk_*"))) == 2
-    summary = refine(*args)
+    summary = refine(*args).summary
     assert summary["resumed_chunks"] == 2
     assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()
 
@@ -132,7 +155,7 @@ def test_resume_after_a_kill_gives_the_same_bytes(world, smpl_body, tmp_path):
     calls["chunks"] = -1  # die after the 3rd batch: the second group is half done
     with pytest.raises(Killed):
         refine(*grouped, progress=killer)
-    assert refine(*grouped)["resumed_chunks"] == 3
+    assert refine(*grouped).summary["resumed_chunks"] == 3
     assert (tmp_path / "grouped.npz").read_bytes() == (tmp_path / "grouped_ref.npz").read_bytes()
     # ...and grouping changes the discriminator schedule, hence the result
     assert (tmp_path / "grouped.npz").read_bytes() != (tmp_path / "ref.npz").read_bytes()
@@ -140,39 +163,84 @@ def test_resume_after_a_kill_gives_the_same_bytes(world, smpl_body, tmp_path):
 
 def test_bad_inputs(world, smpl_body, tmp_path):
     names = np.load(world / "gt.npz")["imgname"]
-    save_silhouettes(tmp_path / "short.npz", np.zeros((3, SIZE, SIZE), bool), np.ones(3),
-                     np.ones(3, bool), names[:3])
+    save_silhouettes(
+        tmp_path / "short.npz",
+        np.zeros((3, SIZE, SIZE), bool),
+        np.ones(3),
+        np.ones(3, bool),
+        names[:3],
+    )
     cfg = RefineConfig(iters=1, image_size=SIZE)
     with pytest.raises(JregfixError, match="frame counts differ"):
-        refine(world / "init.npz", world / "gt.npz", tmp_path / "short.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg)
-    save_silhouettes(tmp_path / "big.npz", np.zeros((N, 32, 48), bool), np.ones(N),
-                     np.ones(N, bool), names)
+        refine(
+            world / "init.npz",
+            world / "gt.npz",
+            tmp_path / "short.npz",
+            smpl_body,
+            world / "J_spin.npy",
+            tmp_path / "o.npz",
+            cfg,
+        )
+    save_silhouettes(
+        tmp_path / "big.npz", np.zeros((N, 32, 48), bool), np.ones(N), np.ones(N, bool), names
+    )
     with pytest.raises(JregfixError, match="masks are 32x48, expected square"):
-        refine(world / "init.npz", world / "gt.npz", tmp_path / "big.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg)
+        refine(
+            world / "init.npz",
+            world / "gt.npz",
+            tmp_path / "big.npz",
+            smpl_body,
+            world / "J_spin.npy",
+            tmp_path / "o.npz",
+            cfg,
+        )
     init = dict(np.load(world / "init.npz"))
     init["pose"][2, 7] = np.nan
     np.savez(tmp_path / "nan.npz", **init)
     with pytest.raises(JregfixError, match="NaN"):
-        refine(tmp_path / "nan.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg)
+        refine(
+            tmp_path / "nan.npz",
+            world / "gt.npz",
+            world / "sil.npz",
+            smpl_body,
+            world / "J_spin.npy",
+            tmp_path / "o.npz",
+            cfg,
+        )
     assert not (tmp_path / "o.npz").exists()
     with pytest.raises(JregfixError, match="weight 0"):
-        RefineConfig(weights={"joint": 0, "j2d": 0, "silhouette": 0, "adversarial": 0}
-                     ).validate()
+        RefineConfig(weights={"joint": 0, "j2d": 0, "silhouette": 0, "adversarial": 0}).validate()
     # without 'part' the 2D term cannot carry the run alone
     with pytest.raises(JregfixError, match="nothing to optimise"):
-        run(world, smpl_body, tmp_path / "o.npz", iters=1,
-            weights={"joint": 0, "silhouette": 0, "adversarial": 0})
+        run(
+            world,
+            smpl_body,
+            tmp_path / "o.npz",
+            iters=1,
+            weights={"joint": 0, "silhouette": 0, "adversarial": 0},
+        )
     with pytest.raises(JregfixError, match="camera-warmup needs"):
-        run(world, smpl_body, tmp_path / "o.npz", iters=1, camera_warmup=3,
-            weights={"silhouette": 0})
+        run(
+            world,
+            smpl_body,
+            tmp_path / "o.npz",
+            iters=1,
+            camera_warmup=3,
+            weights={"silhouette": 0},
+        )
     with pytest.raises(JregfixError, match="camera warm-up >= 0"):
         RefineConfig(camera_warmup=-1).validate()
     with pytest.raises(JregfixError, match="empty"):
-        refine(world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg, shard=(8, 9))
+        refine(
+            world / "init.npz",
+            world / "gt.npz",
+            world / "sil.npz",
+            smpl_body,
+            world / "J_spin.npy",
+            tmp_path / "o.npz",
+            cfg,
+            shard=(8, 9),
+        )
 
 
 def test_empty_masks_keep_the_frame_without_silhouette_term(world, smpl_body, tmp_path):
@@ -183,8 +251,15 @@ def test_empty_masks_keep_the_frame_without_silhouette_term(world, smpl_body, tm
     found[[1, 5]] = False
     save_silhouettes(tmp_path / "sil.npz", sil.masks, sil.score, found, sil.imgname)
     cfg = RefineConfig(iters=3, batch_size=4, image_size=SIZE)
-    s = refine(world / "init.npz", world / "gt.npz", tmp_path / "sil.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg)
+    s = refine(
+        world / "init.npz",
+        world / "gt.npz",
+        tmp_path / "sil.npz",
+        smpl_body,
+        world / "J_spin.npy",
+        tmp_path / "o.npz",
+        cfg,
+    ).summary
     out = np.load(tmp_path / "o.npz")
     assert s["empty_masks"] == 2 and s["frames"] == N
     assert not out["has_mask"][[1, 5]].any() and out["has_mask"].sum() == N - 2
@@ -200,22 +275,33 @@ def test_regressor_fitted_on_refined_meshes_is_refused(world, smpl_body, tmp_pat
     shutil.copy(world / "J_spin.npy", tmp_path / "J_opt.npy")
     (tmp_path / "J_opt.npy.json").write_text(json.dumps({"params_stage": "refine"}))
     with pytest.raises(JregfixError, match="refined meshes"):
-        refine(world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-               tmp_path / "J_opt.npy", tmp_path / "o.npz", RefineConfig(iters=1, image_size=SIZE))
+        refine(
+            world / "init.npz",
+            world / "gt.npz",
+            world / "sil.npz",
+            smpl_body,
+            tmp_path / "J_opt.npy",
+            tmp_path / "o.npz",
+            RefineConfig(iters=1, image_size=SIZE),
+        )
 
 
 @pytest.mark.slow
 def test_discriminators_learn_to_separate_init_from_refined():
     from jregfix.body.rotations import rotmat_to_rot6d
-    from jregfix.stages.refine import Discriminators
+    from jregfix.methods.refinement import Discriminators
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    real = rotmat_to_rot6d(torch.from_numpy(
-        Rotation.from_rotvec(rng.normal(size=(64 * 24, 3)) * 0.1).as_matrix()).float()
+    real = rotmat_to_rot6d(
+        torch.from_numpy(
+            Rotation.from_rotvec(rng.normal(size=(64 * 24, 3)) * 0.1).as_matrix()
+        ).float()
     ).reshape(64, 24, 6)
-    fake = rotmat_to_rot6d(torch.from_numpy(
-        Rotation.from_rotvec(rng.normal(size=(64 * 24, 3)) * 1.0).as_matrix()).float()
+    fake = rotmat_to_rot6d(
+        torch.from_numpy(
+            Rotation.from_rotvec(rng.normal(size=(64 * 24, 3)) * 1.0).as_matrix()
+        ).float()
     ).reshape(64, 24, 6)
     real_b, fake_b = torch.zeros(64, 10), torch.ones(64, 10) * 2
     disc = Discriminators(24, 10, 1e-3)
@@ -236,43 +322,102 @@ def test_cli_refine_with_figures(world, smpl_pkl, tmp_path):
     from jregfix.cli import main
 
     out = tmp_path / "refined.npz"
-    code = main(["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
-                 "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
-                 "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
-                 "--iters", "2", "--batch-size", "4", "--image-size", str(SIZE),
-                 "--weights", "adversarial=0", "--save-figures", "2"])
+    code = main(
+        [
+            "refine",
+            "--init",
+            str(world / "init.npz"),
+            "--gt",
+            str(world / "gt.npz"),
+            "--silhouettes",
+            str(world / "sil.npz"),
+            "--smpl",
+            str(smpl_pkl),
+            "--joint-regressor",
+            str(world / "J_spin.npy"),
+            "--out",
+            str(out),
+            "--iters",
+            "2",
+            "--batch-size",
+            "4",
+            "--image-size",
+            str(SIZE),
+            "--weights",
+            "adversarial=0",
+            "--save-figures",
+            "2",
+        ]
+    )
     assert code == 0
     assert np.load(out)["pose"].shape == (N, 72)
     assert Image.open(tmp_path / "refined_silhouettes.png").size[0] > SIZE
-    assert main(["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
-                 "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
-                 "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
-                 "--weights", "pose=1"]) == 1
+    assert (
+        main(
+            [
+                "refine",
+                "--init",
+                str(world / "init.npz"),
+                "--gt",
+                str(world / "gt.npz"),
+                "--silhouettes",
+                str(world / "sil.npz"),
+                "--smpl",
+                str(smpl_pkl),
+                "--joint-regressor",
+                str(world / "J_spin.npy"),
+                "--out",
+                str(out),
+                "--weights",
+                "pose=1",
+            ]
+        )
+        == 1
+    )
 
 
 def test_shards_refined_separately_then_merged(world, smpl_pkl, tmp_path):
     from jregfix.cli.app import main
 
-    common = ["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt.npz"),
-              "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
-              "--joint-regressor", str(world / "J_spin.npy"), "--iters", "2", "--batch-size",
-              "3", "--image-size", str(SIZE), "--weights", "adversarial=0"]
+    common = [
+        "refine",
+        "--init",
+        str(world / "init.npz"),
+        "--gt",
+        str(world / "gt.npz"),
+        "--silhouettes",
+        str(world / "sil.npz"),
+        "--smpl",
+        str(smpl_pkl),
+        "--joint-regressor",
+        str(world / "J_spin.npy"),
+        "--iters",
+        "2",
+        "--batch-size",
+        "3",
+        "--image-size",
+        str(SIZE),
+        "--weights",
+        "adversarial=0",
+    ]
     whole = tmp_path / "whole.npz"
     assert main([*common, "--out", str(whole)]) == 0
     parts = [tmp_path / f"part{i}.npz" for i in range(2)]
     for i, part in enumerate(parts):
         assert main([*common, "--shard", f"{i}/2", "--out", str(part)]) == 0
     merged = tmp_path / "merged.npz"
-    assert main(["refine-merge", str(parts[1]), str(parts[0]), "--out", str(merged)]) == 0
+    assert main(["refine", "--merge", str(parts[1]), str(parts[0]), "--out", str(merged)]) == 0
     # 8 frames in batches of 3: shard 0 takes batches 0-1 (6 frames), shard 1 batch 2; without
     # the adversarial term the shards share no state, so the merge equals the whole run
     with np.load(whole) as a, np.load(merged) as b:
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             assert np.array_equal(a[key], b[key], equal_nan=a[key].dtype.kind == "f"), key
-    assert main(["refine-merge", str(parts[0]), "--out", str(tmp_path / "bad.npz")]) == 1
-    assert main(["refine-merge", str(whole), str(parts[1]), "--out",
-                 str(tmp_path / "bad.npz")]) == 1
+    assert main(["refine", "--merge", str(parts[0]), "--out", str(tmp_path / "bad.npz")]) == 1
+    assert (
+        main(["refine", "--merge", str(whole), str(parts[1]), "--out", str(tmp_path / "bad.npz")])
+        == 1
+    )
     assert not (tmp_path / "bad.npz").exists()
 
 
@@ -281,8 +426,15 @@ def test_2d_keypoints_land_where_the_truth_projects(world, smpl_body, tmp_path):
     """From the true parameters the projected J_spin joints sit on the keypoints: the crop
     mapping, the projection and the J24 -> 17 reorder agree; the junk of hidden joints (~150 px
     off) is ignored."""
-    s = run(world, smpl_body, tmp_path / "t.npz", gt="gt_2d.npz", init="truth.npz", iters=0,
-            weights={"adversarial": 0})
+    s = run(
+        world,
+        smpl_body,
+        tmp_path / "t.npz",
+        gt="gt_2d.npz",
+        init="truth.npz",
+        iters=0,
+        weights={"adversarial": 0},
+    )
     err = np.load(tmp_path / "t.npz")["j2d_err_before_px"]
     assert err.shape == (N,) and err.max() < 1e-2
     assert s["j2d_term"] == "on"
@@ -309,8 +461,16 @@ def test_2d_term_lowers_the_2d_error_without_raising_the_3d_error(world, smpl_bo
 def test_gt_without_part_runs_without_the_2d_term_and_says_so_once(world, smpl_body, tmp_path):
     notes = []
     cfg = RefineConfig(iters=1, batch_size=4, image_size=SIZE)  # 2 batches, one note
-    s = refine(world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-               world / "J_spin.npy", tmp_path / "o.npz", cfg, say=notes.append)
+    s = refine(
+        world / "init.npz",
+        world / "gt.npz",
+        world / "sil.npz",
+        smpl_body,
+        world / "J_spin.npy",
+        tmp_path / "o.npz",
+        cfg,
+        say=notes.append,
+    ).summary
     assert len(notes) == 1 and "'part'" in notes[0] and "without the 2D term" in notes[0]
     assert s["j2d_term"] == "off: no 'part' in the GT file" and "j2d_err_after_px" not in s
     assert not any(k.startswith(("j2d", "loss_j2d")) for k in np.load(tmp_path / "o.npz").files)
@@ -371,15 +531,41 @@ def test_cli_preset_hedlin_code_end_to_end(world, smpl_pkl, tmp_path):
     from jregfix.cli.refine import build_config
 
     out = tmp_path / "refined.npz"
-    assert main(["refine", "--init", str(world / "init.npz"), "--gt", str(world / "gt_2d.npz"),
-                 "--silhouettes", str(world / "sil.npz"), "--smpl", str(smpl_pkl),
-                 "--joint-regressor", str(world / "J_spin.npy"), "--out", str(out),
-                 "--preset", "hedlin-code", "--iters", "2", "--image-size", str(SIZE)]) == 0
+    assert (
+        main(
+            [
+                "refine",
+                "--init",
+                str(world / "init.npz"),
+                "--gt",
+                str(world / "gt_2d.npz"),
+                "--silhouettes",
+                str(world / "sil.npz"),
+                "--smpl",
+                str(smpl_pkl),
+                "--joint-regressor",
+                str(world / "J_spin.npy"),
+                "--out",
+                str(out),
+                "--preset",
+                "hedlin-code",
+                "--iters",
+                "2",
+                "--image-size",
+                str(SIZE),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "refined.npz.manifest.json").read_text())
     cfg = doc["config"]
     assert cfg["batch_size"] == 256 and cfg["camera_warmup"] == 1000
-    assert cfg["weights"] == {"j2d": 0.005, "silhouette": 100.0, "joint": 1e4 / 3,
-                              "adversarial": 10.0}
+    assert cfg["weights"] == {
+        "j2d": 0.005,
+        "silhouette": 100.0,
+        "joint": 1e4 / 3,
+        "adversarial": 10.0,
+    }
     assert cfg["silhouette_loss"] == "soft" and cfg["sigma"] == pytest.approx(0.1024)
     s = doc["summary"]
     assert s["j2d_err_after_px"] < 0.5 * s["j2d_err_before_px"]  # 1000 camera steps on 2D
@@ -395,18 +581,23 @@ def test_cli_preset_hedlin_code_end_to_end(world, smpl_pkl, tmp_path):
 @pytest.mark.slow
 def test_resume_with_warmup_and_2d_term_gives_the_same_bytes(world, smpl_body, tmp_path):
     cfg = RefineConfig(iters=2, batch_size=2, image_size=SIZE, camera_warmup=3)
-    args = (world / "init.npz", world / "gt_2d.npz", world / "sil.npz", smpl_body,
-            world / "J_spin.npy")
+    args = (
+        world / "init.npz",
+        world / "gt_2d.npz",
+        world / "sil.npz",
+        smpl_body,
+        world / "J_spin.npy",
+    )
     refine(*args, tmp_path / "ref.npz", cfg)
 
     class Killed(Exception):
         pass
 
-    def killer(done, live):
-        if not live and done == 4:  # after the second of four chunks
+    def killer(step):
+        if not step.info and step.done == 4:  # after the second of four chunks
             raise Killed
 
     with pytest.raises(Killed):
         refine(*args, tmp_path / "resumed.npz", cfg, progress=killer)
-    assert refine(*args, tmp_path / "resumed.npz", cfg)["resumed_chunks"] == 2
+    assert refine(*args, tmp_path / "resumed.npz", cfg).summary["resumed_chunks"] == 2
     assert (tmp_path / "resumed.npz").read_bytes() == (tmp_path / "ref.npz").read_bytes()

@@ -4,8 +4,9 @@ tensors, and a bounded number of host syncs per Adam iteration."""
 import numpy as np
 import pytest
 
+from jregfix.methods.refinement import RefineConfig
 from jregfix.render.silhouette import MAX_PAIRS
-from jregfix.stages.refine import RefineConfig, refine
+from jregfix.stages.refine import refine
 from tests.device_tracker import DeviceTracker
 from tests.test_refine import SIZE, world  # noqa: F401 - the tiny synthetic world fixture
 
@@ -20,8 +21,16 @@ def tracked_run(world, smpl_body, out, iters, loss):  # noqa: F811 - world is th
     with DeviceTracker() as t:
         body = smpl_body.to("cuda")
         try:
-            summary = refine(world / "init.npz", world / "gt.npz", world / "sil.npz", body,
-                             world / "J_spin.npy", out, config, device="cuda")
+            summary = refine(
+                world / "init.npz",
+                world / "gt.npz",
+                world / "sil.npz",
+                body,
+                world / "J_spin.npy",
+                out,
+                config,
+                device="cuda",
+            ).summary
         finally:
             smpl_body.to("cpu")
     return t, summary
@@ -29,8 +38,13 @@ def tracked_run(world, smpl_body, out, iters, loss):  # noqa: F811 - world is th
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["soft", "chamfer"])
-def test_refine_on_cuda_syncs_per_adam_iteration(world, smpl_body, tmp_path, loss,  # noqa: F811
-                                                 monkeypatch):
+def test_refine_on_cuda_syncs_per_adam_iteration(
+    world,  # noqa: F811
+    smpl_body,
+    tmp_path,
+    loss,
+    monkeypatch,
+):
     # CPU-sized renderer chunks: on this CPU the GPU's 4M-pair chunks are slow, and the number
     # of host syncs does not depend on the chunk size.
     monkeypatch.setattr("jregfix.render.silhouette.MAX_PAIRS_GPU", MAX_PAIRS)
@@ -42,10 +56,18 @@ def test_refine_on_cuda_syncs_per_adam_iteration(world, smpl_body, tmp_path, los
     assert per_iter <= RENDER_SYNCS[loss] + OTHER_SYNCS, long.summary()
     assert per_iter <= RENDER_SYNCS[loss], long.summary()  # what this code achieves today
     assert summary["frames"] == 8 and np.isfinite(summary["iou_after"])
-    # The tracked run computes on the CPU: same bytes as a plain CPU run.
-    refine(world / "init.npz", world / "gt.npz", world / "sil.npz", smpl_body,
-           world / "J_spin.npy", tmp_path / "cpu.npz",
-           RefineConfig(iters=3, batch_size=8, image_size=SIZE, silhouette_loss=loss))
+    # The tracked run computes on the CPU: same bytes as a plain CPU run with the same
+    # renderer (GPU tensors take the PyTorch path; CPU ones default to the numba kernels).
+    monkeypatch.setenv("JREGFIX_RENDER_BACKEND", "torch")
+    refine(
+        world / "init.npz",
+        world / "gt.npz",
+        world / "sil.npz",
+        smpl_body,
+        world / "J_spin.npy",
+        tmp_path / "cpu.npz",
+        RefineConfig(iters=3, batch_size=8, image_size=SIZE, silhouette_loss=loss),
+    )
     got, ref = np.load(tmp_path / "long.npz"), np.load(tmp_path / "cpu.npz")
     for key in ("pred_rotmat", "betas", "cam_t"):
         np.testing.assert_array_equal(got[key], ref[key])

@@ -124,12 +124,20 @@ def test_download_over_http_pins_sha(http_server, tmp_path, rng, monkeypatch):
     torch.save(torch.from_numpy(j), root / "retrained_J_Regressor.pt")
     digest = hashlib.sha256((root / "retrained_J_Regressor.pt").read_bytes()).hexdigest()
     monkeypatch.setenv("JREGFIX_CACHE_DIR", str(tmp_path / "cache"))
-    known = R.KnownRegressor("hedlin", "test", (17, 6890), f"{base}/retrained_J_Regressor.pt",
-                             digest, "test")
+    known = R.KnownRegressor(
+        "hedlin",
+        "test",
+        (17, 6890),
+        f"{base}/retrained_J_Regressor.pt",
+        digest,
+        "test",
+        transform="relu-row-normalise",
+    )
     monkeypatch.setitem(R.KNOWN_REGRESSORS, "hedlin", known)
     seen = []
-    out = R.download_regressor("hedlin", tmp_path / "eff.npy",
-                               progress=lambda done, total: seen.append((done, total)))
+    out = R.download_regressor(
+        "hedlin", tmp_path / "eff.npy", progress=lambda done, total: seen.append((done, total))
+    )
     pos = np.maximum(j.astype(np.float64), 0)
     np.testing.assert_allclose(np.load(out), pos / pos.sum(1)[:, None])
     assert seen and seen[-1][0] == (root / "retrained_J_Regressor.pt").stat().st_size
@@ -160,8 +168,18 @@ def test_offline_message_names_the_manual_route(tmp_path, monkeypatch):
 def test_cli_convert_and_show(tmp_path, rng, capsys):
     j = random_regressor(rng, negative=True)
     np.save(tmp_path / "raw.npy", j)
-    assert main(["regressors", "convert", str(tmp_path / "raw.npy"), str(tmp_path / "eff.npz"),
-                 "--effective"]) == 0
+    assert (
+        main(
+            [
+                "regressors",
+                "convert",
+                str(tmp_path / "raw.npy"),
+                str(tmp_path / "eff.npz"),
+                "--effective",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(R.load_regressor(tmp_path / "eff.npz").sum(1), 1.0)
     assert main(["regressors", "show", str(tmp_path / "eff.npz")]) == 0
     assert "row sums 1.0000..1.0000" in capsys.readouterr().out.replace("\n", " ")
@@ -181,8 +199,12 @@ def test_unusable_regressors_are_refused_in_one_line(tmp_path, rng):
     zero = good.copy()
     zero[[3, 9]] = 0.0
     np.save(tmp_path / "zero.npy", zero)
-    for name, match in (("complex.npy", "complex128"), ("complex.pt", "complex128"),
-                        ("inf.npy", "NaN or inf"), ("zero.npy", "row 3 is all zeros")):
+    for name, match in (
+        ("complex.npy", "complex128"),
+        ("complex.pt", "complex128"),
+        ("inf.npy", "NaN or inf"),
+        ("zero.npy", "row 3 is all zeros"),
+    ):
         with pytest.raises(JregfixError, match=match) as info:
             R.load_regressor(tmp_path / name)
         assert "\n" not in str(info.value) and name in str(info.value)
@@ -196,7 +218,8 @@ def test_warnings_flag_what_is_not_a_weighted_average(rng):
     scaled = eff.copy()
     scaled[4] *= 1.002
     assert R.regressor_warnings(scaled) == [
-        "1 row sum(s) off 1 by more than 0.001 (row sums 1.0000..1.0020)"]
+        "1 row sum(s) off 1 by more than 0.001 (row sums 1.0000..1.0020)"
+    ]
     raw = random_regressor(rng, negative=True)
     warnings = R.regressor_warnings(raw)
     assert warnings[0] == f"{int((raw < 0).sum())} negative weight(s)" and len(warnings) == 2
@@ -208,15 +231,36 @@ def test_convert_never_overwrites_its_input(tmp_path, rng, capsys):
     before = (tmp_path / "raw.npy").read_bytes()
     (tmp_path / "link.npy").symlink_to(tmp_path / "raw.npy")
     for dst in ("raw.npy", "./raw.npy", "link.npy"):
-        assert main(["regressors", "convert", str(tmp_path / "raw.npy"), str(tmp_path / dst),
-                     "--effective"]) == 1
+        assert (
+            main(
+                [
+                    "regressors",
+                    "convert",
+                    str(tmp_path / "raw.npy"),
+                    str(tmp_path / dst),
+                    "--effective",
+                ]
+            )
+            == 1
+        )
         assert "would overwrite the input" in capsys.readouterr().err
     assert (tmp_path / "raw.npy").read_bytes() == before
-    assert main(["regressors", "convert", str(tmp_path / "raw.npy"),
-                 str(tmp_path / "copy.npy")]) == 0
+    assert (
+        main(["regressors", "convert", str(tmp_path / "raw.npy"), str(tmp_path / "copy.npy")]) == 0
+    )
     assert "`evaluate` will flag it" in " ".join(capsys.readouterr().err.split())
     assert main(["regressors", "show", str(tmp_path / "copy.npy")]) == 0
     assert "negative weight" in capsys.readouterr().out
-    assert main(["regressors", "convert", str(tmp_path / "copy.npy"), str(tmp_path / "eff.npy"),
-                 "--effective"]) == 0
+    assert (
+        main(
+            [
+                "regressors",
+                "convert",
+                str(tmp_path / "copy.npy"),
+                str(tmp_path / "eff.npy"),
+                "--effective",
+            ]
+        )
+        == 0
+    )
     assert R.regressor_warnings(np.load(tmp_path / "eff.npy")) == []

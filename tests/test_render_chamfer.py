@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from jregfix.body.synthetic import uv_sphere
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import PinholeCamera
 from jregfix.render import chamfer_silhouette_loss, contour_points, hard_silhouette
+from jregfix.synthetic.body import uv_sphere
 
 
 def test_contour_points_of_a_rectangle():

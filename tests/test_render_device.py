@@ -6,20 +6,21 @@ below, test-only): faces grouped by box shape, one dense (faces x box pixels) gr
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from jregfix.body.synthetic import body_blob
 from jregfix.geometry.camera import PinholeCamera, weak_to_cam_t
 from jregfix.render import chamfer_silhouette_loss, hard_silhouette, soft_silhouette
 from jregfix.render.raster import box_pairs, image_hw, rect_sums, screen_triangles
 from jregfix.render.silhouette import _erode, blur_margin
+from jregfix.synthetic.body import body_blob
 from tests.device_tracker import DeviceTracker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_render import scene  # noqa: E402 - the benchmark's batch of rotated SMPL-size blobs
+from bench_render import scene
 
 SIZE = 224
 
@@ -55,7 +56,7 @@ def old_groups(nx, ny, max_pairs):
         local = torch.arange(gx * gy)
         step = max(1, max_pairs // (gx * gy))
         for lo in range(start, start + count, step):
-            yield fi[lo:min(lo + step, start + count)], local % gx, local // gx
+            yield fi[lo : min(lo + step, start + count)], local % gx, local // gx
         start += count
 
 
@@ -85,7 +86,8 @@ def old_soft(vertices, faces, camera, size, cam_t, sigma, cutoff, interior, max_
         sign = torch.sign(cross.amin(-1) * cross.amax(-1))
         term = torch.nn.functional.logsigmoid(-(d2 * sign) / sigma)
         pix = ((fi // f) * (h * w) + y0.reshape(-1)[fi] * w + x0.reshape(-1)[fi])[:, None] + (
-            oy * w + ox)[None]
+            oy * w + ox
+        )[None]
         logsum = logsum.scatter_add(0, pix.reshape(-1), term.reshape(-1))
     cover = 1 - logsum.exp()
     if deep is not None:
@@ -104,12 +106,15 @@ def old_hard(tri, valid, h, w):
         cross = []
         for i in range(3):
             a, c = flat[fi, i], flat[fi, (i + 1) % 3]
-            cross.append((c[:, 0:1] - a[:, 0:1]) * (py - a[:, 1:2])
-                         - (c[:, 1:2] - a[:, 1:2]) * (px - a[:, 0:1]))
+            cross.append(
+                (c[:, 0:1] - a[:, 0:1]) * (py - a[:, 1:2])
+                - (c[:, 1:2] - a[:, 1:2]) * (px - a[:, 0:1])
+            )
         cross = torch.stack(cross)
         hit = cross.amin(0) * cross.amax(0) >= 0
         pix = ((fi // f) * (h * w) + y0.reshape(-1)[fi] * w + x0.reshape(-1)[fi])[:, None] + (
-            oy * w + ox)[None]
+            oy * w + ox
+        )[None]
         hits[pix[hit]] = True
     return hits.view(b, h, w)
 
@@ -127,7 +132,7 @@ def test_same_numbers_as_the_previous_renderer(sigma, interior):
     verts, cam, cam_t = verts.double(), cam.to(dtype=torch.float64), cam_t.double()
     w = weights(2).double()
     out = []
-    for render in (soft_silhouette, old_soft):
+    for render in (partial(soft_silhouette, backend="torch"), old_soft):
         v = verts.clone().requires_grad_(True)
         a = render(v, f, cam, SIZE, cam_t, sigma=sigma, cutoff=1e-4, interior=interior)
         (a * w).sum().backward()
@@ -137,8 +142,11 @@ def test_same_numbers_as_the_previous_renderer(sigma, interior):
     assert (new - old).abs().max() <= 1e-9
     assert (g_new - g_old).abs().max() <= 1e-9 * g_old.abs().max()
     tri, valid = screen_triangles(verts, f, cam, cam_t)
-    assert torch.equal(hard_silhouette(verts, f, cam, SIZE, cam_t), old_hard(tri, valid, SIZE,
-                                                                             SIZE))
+    for backend in ("torch", "numba"):
+        assert torch.equal(
+            hard_silhouette(verts, f, cam, SIZE, cam_t, backend=backend),
+            old_hard(tri, valid, SIZE, SIZE),
+        )
 
 
 def test_pair_list_enumerates_every_box_pixel_once():
@@ -147,10 +155,13 @@ def test_pair_list_enumerates_every_box_pixel_once():
     x0, y0 = torch.randint(0, w, (b, f), generator=gen), torch.randint(0, h, (b, f), generator=gen)
     nx = (torch.randint(0, 5, (b, f), generator=gen)).minimum(w - x0)
     ny = (torch.randint(0, 5, (b, f), generator=gen)).minimum(h - y0)
-    expect = sorted((bi * f + fi, bi * h * w + r * w + c, c, r)
-                    for bi in range(b) for fi in range(f)
-                    for r in range(int(y0[bi, fi]), int(y0[bi, fi] + ny[bi, fi]))
-                    for c in range(int(x0[bi, fi]), int(x0[bi, fi] + nx[bi, fi])))
+    expect = sorted(
+        (bi * f + fi, bi * h * w + r * w + c, c, r)
+        for bi in range(b)
+        for fi in range(f)
+        for r in range(int(y0[bi, fi]), int(y0[bi, fi] + ny[bi, fi]))
+        for c in range(int(x0[bi, fi]), int(x0[bi, fi] + nx[bi, fi]))
+    )
     for max_pairs in (3, 1000):  # chunks cutting through boxes, and one chunk
         chunks = list(box_pairs(x0, y0, nx, ny, h, w, max_pairs))
         got = sorted(tuple(int(x) for x in t) for c in chunks for t in zip(*c, strict=True))
@@ -164,7 +175,7 @@ def test_launches_and_syncs_per_forward_backward_at_batch_16(sigma):
     verts, f, cam, cam_t = scene("smpl", 16, SIZE)
     w = weights(16)
     v_cpu = verts.clone().requires_grad_(True)
-    ref = soft_silhouette(v_cpu, f, cam, SIZE, cam_t, sigma=sigma)
+    ref = soft_silhouette(v_cpu, f, cam, SIZE, cam_t, sigma=sigma, backend="torch")
     (ref * w).sum().backward()
     with DeviceTracker() as t:
         v = verts.cuda().requires_grad_(True)
@@ -191,8 +202,12 @@ def old_chamfer(vertices, faces, camera, target, cam_t, border=2):
     vertices = vertices + cam_t[:, None, :]
     with torch.no_grad():
         mask = hard_silhouette(vertices, faces, camera, (h, w))
-        near_bg = torch.nn.functional.max_pool2d((~mask).float()[:, None], 2 * border + 1,
-                                                 stride=1, padding=border)[:, 0] > 0
+        near_bg = (
+            torch.nn.functional.max_pool2d(
+                (~mask).float()[:, None], 2 * border + 1, stride=1, padding=border
+            )[:, 0]
+            > 0
+        )
         tri = vertices[:, faces]
         normal = torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])
         front_face = (normal * tri[:, :, 0]).sum(-1) < 0
@@ -208,8 +223,11 @@ def old_chamfer(vertices, faces, camera, target, cam_t, border=2):
         outline[b_idx[:, None].expand_as(ends), ends] = True
         front = vertices[..., 2] > 1e-3
         outline &= front
-        pix = project(torch.where(front[..., None], vertices, torch.tensor([0.0, 0.0, 1.0])),
-                      camera).floor().long()
+        pix = (
+            project(torch.where(front[..., None], vertices, torch.tensor([0.0, 0.0, 1.0])), camera)
+            .floor()
+            .long()
+        )
         col, row = pix[..., 0], pix[..., 1]
         outline &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
         outline &= near_bg.view(-1, h * w).gather(1, (row * w + col).clamp(0, h * w - 1))
@@ -217,13 +235,14 @@ def old_chamfer(vertices, faces, camera, target, cam_t, border=2):
     for b, m in enumerate(target):
         yh, xh = (m[:, :-1] != m[:, 1:]).nonzero(as_tuple=True)
         yv, xv = (m[:-1, :] != m[1:, :]).nonzero(as_tuple=True)
-        pts = torch.cat([torch.stack([xh + 1.0, yh + 0.5], -1),
-                         torch.stack([xv + 0.5, yv + 1.0], -1)])
+        pts = torch.cat(
+            [torch.stack([xh + 1.0, yh + 0.5], -1), torch.stack([xv + 0.5, yv + 1.0], -1)]
+        )
         sel = outline[b].nonzero().squeeze(1)
         if sel.numel() == 0 or pts.shape[0] == 0:
             out.append(vertices.new_zeros(()))
             continue
-        d = torch.cdist(project(vertices[b:b + 1, sel], camera[b:b + 1])[0], pts)
+        d = torch.cdist(project(vertices[b : b + 1, sel], camera[b : b + 1])[0], pts)
         out.append(0.5 * (d.min(1).values.mean() + d.min(0).values.mean()))
     return torch.stack(out)
 
@@ -246,10 +265,10 @@ def test_chamfer_batched_equals_the_previous_per_image_loss():
     assert torch.allclose(new, old, rtol=1e-5, atol=1e-7)
     assert torch.allclose(g_new, g_old, rtol=1e-4, atol=1e-6 * g_old.abs().max())
     with DeviceTracker() as t:
-        loss = chamfer_silhouette_loss(verts.cuda(), f.cuda(), cam.to("cuda"), target.cuda(),
-                                       cam_t.cuda())
+        loss = chamfer_silhouette_loss(
+            verts.cuda(), f.cuda(), cam.to("cuda"), target.cuda(), cam_t.cuda()
+        )
         assert t.is_tagged(loss)
         # Reads: the hard silhouette's pair count and the padded sizes (one read for both).
-        assert [kind for kind, _ in t.sync_log if kind != "upload"] == ["read", "read"], (
-            t.summary())
+        assert [kind for kind, _ in t.sync_log if kind != "upload"] == ["read", "read"], t.summary()
         assert torch.equal(loss.cpu(), new)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from matplotlib.path import Path
 
-from jregfix.body.synthetic import body_blob, uv_sphere
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import PinholeCamera, project, weak_to_cam_t
 from jregfix.render import hard_silhouette, soft_silhouette
+from jregfix.synthetic.body import body_blob, uv_sphere
 
 
 def rot_y(angle):
@@ -85,8 +85,7 @@ def test_partly_behind_camera_and_off_image():
 def test_rectangular_image_and_cracks():
     # Two triangles sharing a diagonal tile a square exactly: no crack along the diagonal,
     # and H != W is handled (rows are y, columns are x).
-    verts = torch.tensor([[[-1.0, -1.0, 2.0], [1.0, -1.0, 2.0], [1.0, 1.0, 2.0],
-                           [-1.0, 1.0, 2.0]]])
+    verts = torch.tensor([[[-1.0, -1.0, 2.0], [1.0, -1.0, 2.0], [1.0, 1.0, 2.0], [-1.0, 1.0, 2.0]]])
     faces = torch.tensor([[0, 1, 2], [0, 2, 3]])
     cam = PinholeCamera.from_intrinsics(10.0, 10.0, 20.0, 8.0, batch_size=1)
     m = hard_silhouette(verts, faces, cam, (16, 40))[0]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from jregfix.body.rotations import axis_angle_to_rotmat
-from jregfix.body.synthetic import body_blob
 from jregfix.geometry.camera import PinholeCamera
 from jregfix.render import chamfer_silhouette_loss, hard_silhouette, soft_silhouette
+from jregfix.synthetic.body import body_blob
 
 SIZE = 64
 

@@ -8,9 +8,9 @@ import torch
 from scipy.ndimage import binary_erosion
 from scipy.special import expit
 
-from jregfix.body.synthetic import body_blob, uv_sphere
 from jregfix.geometry.camera import PinholeCamera, project, weak_to_cam_t
 from jregfix.render import blur_margin, hard_silhouette, soft_silhouette
+from jregfix.synthetic.body import body_blob, uv_sphere
 
 
 def dense_softras(uv, faces, h, w, sigma):
@@ -57,8 +57,9 @@ def test_matches_dense_with_tight_cutoff(sigma):
     ours = soft_silhouette(verts, f, cam, 64, cam_t, sigma=sigma, cutoff=1e-15, interior="soft")
     assert np.abs(ours[0].numpy() - ref).max() <= 1e-6
     # Tiny chunks exercise the chunking path and give the same numbers.
-    chunked = soft_silhouette(verts, f, cam, 64, cam_t, sigma=sigma, cutoff=1e-15,
-                              interior="soft", max_pairs=500)
+    chunked = soft_silhouette(
+        verts, f, cam, 64, cam_t, sigma=sigma, cutoff=1e-15, interior="soft", max_pairs=500
+    )
     assert torch.allclose(chunked, ours, atol=1e-12, rtol=0)
 
 
@@ -67,7 +68,9 @@ def test_default_cutoff_error_within_documented_bound():
     verts, f, cam, cam_t = small_scene()
     uv = project(verts, cam, cam_t)[0].numpy()
     ref, dd = dense_softras(uv, f.numpy(), 64, 64, sigma)
-    ours = soft_silhouette(verts, f, cam, 64, cam_t, sigma=sigma, cutoff=c, interior="soft")
+    ours = soft_silhouette(
+        verts, f, cam, 64, cam_t, sigma=sigma, cutoff=c, interior="soft", backend="torch"
+    )  # the kernels' pruning: tests/test_render_kernel.py
     err = ref - ours[0].numpy()
     # Pairs outside a face's box grown by r are the skipped ones: each has D < c and the error
     # at a pixel is at most the sum of its skipped D (1 - prod(1 - D) <= sum D).
@@ -115,7 +118,8 @@ def test_hard_interior_error_on_smpl_size_mesh():
 def test_gradcheck(interior):
     v, f = uv_sphere(2, 5, torch.float64)
     v = v * torch.tensor([1.0, 0.7, 0.8], dtype=torch.float64) + 0.05 * torch.randn(
-        v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     cam = PinholeCamera.from_intrinsics(4.0, 4.4, 5.5, 5.0, batch_size=1, dtype=torch.float64)
     verts = v[None].clone().requires_grad_(True)
     cam_t = torch.tensor([[0.1, -0.05, 3.0]], dtype=torch.float64, requires_grad=True)
@@ -131,8 +135,13 @@ def test_gradcheck(interior):
 def test_converges_to_hard_as_sigma_vanishes():
     verts, f, cam, cam_t = small_scene(torch.float64, 16, 20)
     hard = hard_silhouette(verts, f, cam, 64, cam_t)[0].double()
-    errs = [(soft_silhouette(verts, f, cam, 64, cam_t, sigma=s, interior="soft")[0] - hard)
-            .abs().mean().item() for s in (1.0, 1e-1, 1e-2, 1e-3, 1e-4)]
+    errs = [
+        (soft_silhouette(verts, f, cam, 64, cam_t, sigma=s, interior="soft")[0] - hard)
+        .abs()
+        .mean()
+        .item()
+        for s in (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
+    ]
     assert all(a > b for a, b in zip(errs[:-1], errs[1:], strict=True))
     assert errs[-1] < 1e-3
 

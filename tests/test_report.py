@@ -72,10 +72,24 @@ def report(world, smpl_body, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("report")
     regs = {"true": r / "J_true.npy", "other": r / "J_other.npy"}
     kwargs = dict(body=smpl_body, joints=17, bootstrap=200, seed=5)
-    doc = evaluate([("spin", r / "spin.npz")], r / "gt.npz", regs, json_out=out / "a.json",
-                   csv_out=out / "a.csv", report_dir=out / "a", **kwargs)
-    evaluate([("spin", r / "spin.npz")], r / "gt.npz", regs, json_out=out / "b.json",
-             csv_out=out / "b.csv", report_dir=out / "b", **kwargs)
+    doc = evaluate(
+        [("spin", r / "spin.npz")],
+        r / "gt.npz",
+        regs,
+        json_out=out / "a.json",
+        csv_out=out / "a.csv",
+        report_dir=out / "a",
+        **kwargs,
+    ).summary
+    evaluate(
+        [("spin", r / "spin.npz")],
+        r / "gt.npz",
+        regs,
+        json_out=out / "b.json",
+        csv_out=out / "b.csv",
+        report_dir=out / "b",
+        **kwargs,
+    )
     return out, doc
 
 
@@ -103,17 +117,22 @@ def test_csv_holds_the_json_numbers(report):
     out, doc = report
     rows = list(csv.DictReader(io.StringIO((out / "a.csv").read_text())))
     table = [r for r in rows if r["scope"] == "all"]
-    assert [(r["method"], r["regressor"]) for r in table] == \
-        [(r["method"], r["regressor"]) for r in doc["results"]]
+    assert [(r["method"], r["regressor"]) for r in table] == [
+        (r["method"], r["regressor"]) for r in doc["results"]
+    ]
     d = next(x for x in doc["differences"] if x["regressor"] == "other")
     other = next(r for r in table if r["regressor"] == "other")
     assert other["baseline"] == "true"
     assert float(other["delta_mpjpe_mm"]) == d["mpjpe_mm"]["difference"]
-    assert [float(other["delta_pa_mpjpe_lower"]), float(other["delta_pa_mpjpe_upper"])] == \
-        d["pa_mpjpe_mm"]["interval"]
+    assert [float(other["delta_pa_mpjpe_lower"]), float(other["delta_pa_mpjpe_upper"])] == d[
+        "pa_mpjpe_mm"
+    ]["interval"]
     for res in doc["results"]:
-        joints = {r["name"]: float(r["mpjpe_mm"]) for r in rows
-                  if r["scope"] == "joint" and r["regressor"] == res["regressor"]}
+        joints = {
+            r["name"]: float(r["mpjpe_mm"])
+            for r in rows
+            if r["scope"] == "joint" and r["regressor"] == res["regressor"]
+        }
         assert joints == res["per_joint_mm"]
         actions = [r for r in rows if r["scope"] == "action" and r["regressor"] == res["regressor"]]
         assert sum(int(a["frames"]) for a in actions) == res["frames"]
@@ -133,14 +152,30 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
     check_page(page, doc)
     browser = _browser()
     if browser is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); the page was "
-                    "validated structurally only")
+        pytest.skip(
+            "no chromium on PATH (Debian: apt-get install chromium); the page was "
+            "validated structurally only"
+        )
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-background-networking", "--disable-component-update",
-                    "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1200,2000", page.resolve().as_uri()],
-                   check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (2000, 1200)
     assert pixels.std() > 5 and (pixels < 128).mean() > 0.005  # text and charts, not blank
@@ -153,11 +188,18 @@ def test_report_without_a_body_model_uses_a_predicted_mesh(world, tmp_path):  # 
 
     r = world["root"]
     n = len(world["names"])
-    joblib.dump({1: {"verts": world["pred_verts"].astype(np.float32),
-                     "frame_ids": np.arange(n)}}, tmp_path / "vibe_output.pkl")
-    doc = evaluate([("vibe", tmp_path / "vibe_output.pkl")], r / "gt.npz",
-                   {"true": r / "J_true.npy", "other": r / "J_other.npy"}, frame_ids="rows",
-                   bootstrap=50, report_dir=tmp_path / "rep")
+    joblib.dump(
+        {1: {"verts": world["pred_verts"].astype(np.float32), "frame_ids": np.arange(n)}},
+        tmp_path / "vibe_output.pkl",
+    )
+    doc = evaluate(
+        [("vibe", tmp_path / "vibe_output.pkl")],
+        r / "gt.npz",
+        {"true": r / "J_true.npy", "other": r / "J_other.npy"},
+        frame_ids="rows",
+        bootstrap=50,
+        report_dir=tmp_path / "rep",
+    ).summary
     check_page(tmp_path / "rep" / "index.html", doc)
     assert doc["protocol"]["methods"]["vibe"]["vertices"] == "from file"
     assert json.loads(json.dumps(doc)) == doc  # JSON-able as returned

@@ -11,14 +11,10 @@ from PIL import Image
 
 from jregfix.cli import main
 from jregfix.errors import JregfixError
+from jregfix.geometry.metrics import box_iou
 from jregfix.io.masks import load_silhouettes
 from jregfix.models.maskrcnn import TORCHVISION_FILE, build_maskrcnn, detect_people
-from jregfix.stages.silhouettes import (
-    SilhouetteConfig,
-    box_iou,
-    run_silhouettes,
-    select_person,
-)
+from jregfix.stages.silhouettes import SilhouetteConfig, run_silhouettes, select_person
 
 H, W = 120, 100
 NAMES = [f"images/S11_Posing_1.55011271_{f:06d}.jpg" for f in (1, 6, 11, 16, 21)]
@@ -53,7 +49,7 @@ def fake_detector(calls):
     """Frame 0/1/4: the person plus a high-scoring distractor far from the crop; frame 2:
     nothing; frame 3: only the distractor."""
     person = np.zeros((H, W), np.float32)
-    person[PERSON[1]:PERSON[3], PERSON[0]:PERSON[2]] = 0.9
+    person[PERSON[1] : PERSON[3], PERSON[0] : PERSON[2]] = 0.9
     distractor = np.zeros((H, W), np.float32)
     distractor[:15, :15] = 1.0
 
@@ -71,9 +67,13 @@ def fake_detector(calls):
                 boxes.append(PERSON)
                 scores.append(0.7 + 0.05 * kind)
                 masks.append(person)
-            out.append({"boxes": np.array(boxes, np.float32).reshape(-1, 4),
-                        "scores": np.array(scores, np.float32),
-                        "masks": np.array(masks, np.float32).reshape(-1, H, W)})
+            out.append(
+                {
+                    "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+                    "scores": np.array(scores, np.float32),
+                    "masks": np.array(masks, np.float32).reshape(-1, H, W),
+                }
+            )
         return out
 
     return detect
@@ -85,12 +85,16 @@ def data(tmp_path):
     rng = np.random.default_rng(1)
     for i, name in enumerate(NAMES):
         img = rng.integers(0, 60, (H, W, 3), dtype=np.uint8)
-        img[PERSON[1]:PERSON[3], PERSON[0]:PERSON[2]] += 150
+        img[PERSON[1] : PERSON[3], PERSON[0] : PERSON[2]] += 150
         img[:4, -4:] = 40 * i + 20  # frame index, survives PNG losslessly
         Image.fromarray(img).save(tmp_path / "h36m" / name, format="PNG")
     n = len(NAMES)
-    np.savez(tmp_path / "gt.npz", imgname=np.array(NAMES), center=np.tile(CENTER, (n, 1)),
-             scale=np.full(n, SCALE))
+    np.savez(
+        tmp_path / "gt.npz",
+        imgname=np.array(NAMES),
+        center=np.tile(CENTER, (n, 1)),
+        scale=np.full(n, SCALE),
+    )
     return tmp_path
 
 
@@ -99,19 +103,32 @@ def test_stage_selection_alignment_storage_resume(data):
     cfg = SilhouetteConfig(backend="fake", batch_size=2, chunk_size=2)
     out = data / "sil.npz"
 
-    def stop_in_second_chunk(done, total):
-        if done > 2:
+    def stop_in_second_chunk(step):
+        if step.done > 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_silhouettes(data / "gt.npz", data / "h36m", out, cfg, stop_in_second_chunk,
-                        detector=fake_detector(calls))
+        run_silhouettes(
+            data / "gt.npz",
+            data / "h36m",
+            out,
+            cfg,
+            stop_in_second_chunk,
+            detector=fake_detector(calls),
+        )
     assert not out.exists() and len(calls) == 4  # chunk 0 saved, chunk 1 interrupted
     calls.clear()
-    result = run_silhouettes(data / "gt.npz", data / "h36m", out, cfg,
-                             detector=fake_detector(calls), figure=data / "fig.png")
-    assert result.resumed_chunks == 1 and len(calls) == 3 and calls[0] == (H, W, 3)
-    assert result.frames == 5 and result.found == 3
+    result = run_silhouettes(
+        data / "gt.npz",
+        data / "h36m",
+        out,
+        cfg,
+        detector=fake_detector(calls),
+        figure=data / "fig.png",
+    )
+    assert result.summary["resumed_chunks"] == 1 and len(calls) == 3 and calls[0] == (H, W, 3)
+    assert result.summary["frames"] == 5 and result.summary["found"] == 3
+    assert result.outputs == {"silhouettes": out, "figure": data / "fig.png"}
 
     masks, score, found, imgname = load_silhouettes(out)
     assert imgname.tolist() == NAMES
@@ -123,39 +140,50 @@ def test_stage_selection_alignment_storage_resume(data):
     ul = np.trunc(CENTER - h / 2)
     px = (np.array(PERSON, float).reshape(2, 2) - ul) * 224 / h  # rectangle in crop coords
     yy, xx = np.mgrid[0:224, 0:224] + 0.5
-    inside = (xx > px[0, 0] + 1.5) & (xx < px[1, 0] - 1.5) & (yy > px[0, 1] + 1.5) & (
-        yy < px[1, 1] - 1.5)
-    outside = (xx < px[0, 0] - 1.5) | (xx > px[1, 0] + 1.5) | (yy < px[0, 1] - 1.5) | (
-        yy > px[1, 1] + 1.5)
+    inside = (
+        (xx > px[0, 0] + 1.5)
+        & (xx < px[1, 0] - 1.5)
+        & (yy > px[0, 1] + 1.5)
+        & (yy < px[1, 1] - 1.5)
+    )
+    outside = (
+        (xx < px[0, 0] - 1.5)
+        | (xx > px[1, 0] + 1.5)
+        | (yy < px[0, 1] - 1.5)
+        | (yy > px[1, 1] + 1.5)
+    )
     for m in masks[found]:
         assert m[inside].all() and not m[outside].any()
     with np.load(out) as z:
         assert np.allclose(z["box"][0], PERSON) and np.isnan(z["box"][2]).all()
-        assert z["iou"][0] == pytest.approx(ref_iou(PERSON, (CENTER[0] - 50, CENTER[1] - 50,
-                                                             CENTER[0] + 50, CENTER[1] + 50)))
+        assert z["iou"][0] == pytest.approx(
+            ref_iou(PERSON, (CENTER[0] - 50, CENTER[1] - 50, CENTER[0] + 50, CENTER[1] + 50))
+        )
     manifest = json.loads((data / "sil.npz.manifest.json").read_text())
     assert manifest["found"] == 3 and manifest["config"]["backend"] == "fake"
     fig = np.asarray(Image.open(data / "fig.png"))
     assert fig.shape == (2 * 224, 4 * 224, 3)
     calls.clear()
-    again = run_silhouettes(data / "gt.npz", data / "h36m", out, cfg,
-                            detector=fake_detector(calls))
-    assert again.up_to_date and not calls
+    again = run_silhouettes(data / "gt.npz", data / "h36m", out, cfg, detector=fake_detector(calls))
+    assert again.skipped and not calls and again.summary["found"] == 3
 
 
 def test_missing_images_and_bad_backend(data):
     (data / "h36m" / NAMES[1]).unlink()
     cfg = SilhouetteConfig(backend="fake", batch_size=3)
     with pytest.raises(JregfixError, match="1 of 5 images missing"):
-        run_silhouettes(data / "gt.npz", data / "h36m", data / "s.npz", cfg,
-                        detector=fake_detector([]))
+        run_silhouettes(
+            data / "gt.npz", data / "h36m", data / "s.npz", cfg, detector=fake_detector([])
+        )
     cfg.skip_missing = True
-    res = run_silhouettes(data / "gt.npz", data / "h36m", data / "s.npz", cfg,
-                          detector=fake_detector([]))
-    assert res.skipped == [NAMES[1]] and res.frames == 4
+    res = run_silhouettes(
+        data / "gt.npz", data / "h36m", data / "s.npz", cfg, detector=fake_detector([])
+    )
+    assert res.summary["skipped_frames"] == [NAMES[1]] and res.summary["frames"] == 4
     with pytest.raises(JregfixError, match="unknown segmentation backend 'sam'"):
-        run_silhouettes(data / "gt.npz", data / "h36m", data / "t.npz",
-                        SilhouetteConfig(backend="sam"))
+        run_silhouettes(
+            data / "gt.npz", data / "h36m", data / "t.npz", SilhouetteConfig(backend="sam")
+        )
 
 
 def small_random_maskrcnn():
@@ -172,11 +200,14 @@ def small_random_maskrcnn():
     return model
 
 
+@pytest.mark.slow
 def test_maskrcnn_person_filter_matches_torchvision():
     model = small_random_maskrcnn()
     rng = np.random.default_rng(2)
-    images = [rng.integers(0, 255, (60, 80, 3), dtype=np.uint8),
-              rng.integers(0, 255, (72, 64, 3), dtype=np.uint8)]
+    images = [
+        rng.integers(0, 255, (60, 80, 3), dtype=np.uint8),
+        rng.integers(0, 255, (72, 64, 3), dtype=np.uint8),
+    ]
     got = detect_people(model, images, torch.device("cpu"), score_threshold=0.0)
     with torch.no_grad():
         ref = model([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images])
@@ -192,12 +223,18 @@ def test_maskrcnn_person_filter_matches_torchvision():
 
 def test_stage_with_maskrcnn_outputs(data):
     model = small_random_maskrcnn()
-    cfg = SilhouetteConfig(backend="random-maskrcnn", score_threshold=0.0, min_iou=0.0,
-                           batch_size=3, chunk_size=3)
-    res = run_silhouettes(data / "gt.npz", data / "h36m", data / "s.npz", cfg,
-                          detector=lambda ims: detect_people(model, ims, torch.device("cpu"), 0.0))
+    cfg = SilhouetteConfig(
+        backend="random-maskrcnn", score_threshold=0.0, min_iou=0.0, batch_size=3, chunk_size=3
+    )
+    res = run_silhouettes(
+        data / "gt.npz",
+        data / "h36m",
+        data / "s.npz",
+        cfg,
+        detector=lambda ims: detect_people(model, ims, torch.device("cpu"), 0.0),
+    )
     masks, score, found, _ = load_silhouettes(data / "s.npz")
-    assert res.frames == 5 and masks.shape == (5, 224, 224)
+    assert res.summary["frames"] == 5 and masks.shape == (5, 224, 224)
     assert found.all() and (score > 0).all()
 
 
@@ -215,9 +252,69 @@ def test_maskrcnn_weights_loading(tmp_path, monkeypatch):
 def test_cli_offline_message(data, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(data / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    code = main(["silhouettes", "--h36m", str(data / "gt.npz"), "--images", str(data / "h36m"),
-                 "--out", str(data / "s.npz"), "--device", "cpu"])
+    code = main(
+        [
+            "silhouettes",
+            "--gt",
+            str(data / "gt.npz"),
+            "--images",
+            str(data / "h36m"),
+            "--out",
+            str(data / "s.npz"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert TORCHVISION_FILE in err and "--weights" in err
     assert not (data / "s.npz").exists()
+
+
+def test_cli_save_figures_is_a_frame_count_and_h36m_an_alias(data, monkeypatch, capsys):
+    """`--save-figures N` means what it means in refine: a PNG of the first N frames beside
+    --out; `--h36m` still names the GT file."""
+    import jregfix.stages.silhouettes as stage
+
+    monkeypatch.setattr(stage, "torchvision_detector", lambda *a: fake_detector([]))
+    common = ["--images", str(data / "h36m"), "--device", "cpu", "--backend", "torchvision"]
+    assert (
+        main(["silhouettes", "--h36m", str(data / "gt.npz"), "--out", str(data / "a.npz"), *common])
+        == 0
+    )
+    assert not list(data.glob("*.png"))  # 0 (the default): no figure
+    assert (
+        main(
+            [
+                "silhouettes",
+                "--gt",
+                str(data / "gt.npz"),
+                "--out",
+                str(data / "b.npz"),
+                "--save-figures",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert f"figure: {data / 'b_masks.png'}" in capsys.readouterr().err.replace("\n", "")
+    fig = np.asarray(Image.open(data / "b_masks.png"))
+    assert fig.shape == (224, 4 * 224, 3)
+    assert fig[:, : 2 * 224].any() and not fig[:, 2 * 224 :].any()  # two tiles, the rest empty
+    assert np.load(data / "a.npz")["found"].tolist() == np.load(data / "b.npz")["found"].tolist()
+    assert (
+        main(
+            [
+                "silhouettes",
+                "--gt",
+                str(data / "gt.npz"),
+                "--out",
+                str(data / "c.npz"),
+                "--save-figures",
+                "-1",
+                *common,
+            ]
+        )
+        == 2
+    )  # a usage error, one line

@@ -14,15 +14,15 @@ from scipy.spatial.transform import Rotation
 
 from jregfix.body.base import batch_vertices
 from jregfix.body.smpl import SMPLBody
-from jregfix.body.synthetic import (
-    SMPL_PARENTS,
+from jregfix.errors import JregfixError
+from jregfix.io.smpl_file import load_smpl_file
+from jregfix.io.smpl_write import (
     py2_dict_order,
     write_cleaned_pickle,
     write_npz,
     write_released_style_pickle,
 )
-from jregfix.errors import JregfixError
-from jregfix.io.smpl_file import load_smpl_file
+from jregfix.synthetic.body import SMPL_PARENTS
 
 
 def numpy_lbs(model: dict, rotmats: np.ndarray, betas: np.ndarray) -> np.ndarray:
@@ -64,12 +64,31 @@ def test_synthetic_model_has_smpl_format(smpl_like_model):
     np.testing.assert_allclose(np.asarray(m["J_regressor"].sum(1)).ravel(), 1.0)
 
 
-RELEASED_GLOBALS = {"__builtin__ set", "chumpy.ch Ch", "numpy dtype", "numpy ndarray",
-                    "numpy.core.multiarray _reconstruct", "scipy.sparse.csc csc_matrix"}
+RELEASED_GLOBALS = {
+    "__builtin__ set",
+    "chumpy.ch Ch",
+    "numpy dtype",
+    "numpy ndarray",
+    "numpy.core.multiarray _reconstruct",
+    "scipy.sparse.csc csc_matrix",
+}
 # File order of basicModel_m_lbs_10_207_0_v1.0.0.pkl as printed by users who loaded it.
-RELEASED_ORDER = ["J_regressor_prior", "f", "J_regressor", "kintree_table", "J", "weights_prior",
-                  "weights", "vert_sym_idxs", "posedirs", "pose_training_info", "bs_style",
-                  "v_template", "shapedirs", "bs_type"]
+RELEASED_ORDER = [
+    "J_regressor_prior",
+    "f",
+    "J_regressor",
+    "kintree_table",
+    "J",
+    "weights_prior",
+    "weights",
+    "vert_sym_idxs",
+    "posedirs",
+    "pose_training_info",
+    "bs_style",
+    "v_template",
+    "shapedirs",
+    "bs_type",
+]
 
 
 class _RecordedObject:
@@ -82,14 +101,21 @@ class _RecordedObject:
 class _ReferenceUnpickler(pickle.Unpickler):
     """numpy's own array reconstruction plus recorders: an independent reading of our fixtures."""
 
-    classes = {"chumpy.ch Ch": type("Ch", (_RecordedObject,), {}),
-               "scipy.sparse.csc csc_matrix": type("csc", (_RecordedObject,), {})}
+    classes = {
+        "chumpy.ch Ch": type("Ch", (_RecordedObject,), {}),
+        "scipy.sparse.csc csc_matrix": type("csc", (_RecordedObject,), {}),
+    }
 
     def find_class(self, module, name):
-        known = {"numpy.core.multiarray _reconstruct": np.zeros(0).__reduce__()[0],
-                 "numpy ndarray": np.ndarray, "numpy dtype": np.dtype, "__builtin__ set": set,
-                 "__builtin__ object": object, "copy_reg _reconstructor": copyreg._reconstructor,
-                 **self.classes}
+        known = {
+            "numpy.core.multiarray _reconstruct": np.zeros(0).__reduce__()[0],
+            "numpy ndarray": np.ndarray,
+            "numpy dtype": np.dtype,
+            "__builtin__ set": set,
+            "__builtin__ object": object,
+            "copy_reg _reconstructor": copyreg._reconstructor,
+            **self.classes,
+        }
         return known[f"{module} {name}"]
 
 
@@ -100,8 +126,10 @@ def _reference_load(path):
 
 def _small_model(model: dict, nv: int = 40) -> dict:
     """A few-vertex model with the released keys: enough for exact round trips of every value."""
-    small = {k: (v[:nv] if k in ("v_template", "shapedirs", "posedirs", "weights") else v)
-             for k, v in model.items()}
+    small = {
+        k: (v[:nv] if k in ("v_template", "shapedirs", "posedirs", "weights") else v)
+        for k, v in model.items()
+    }
     small["J_regressor"] = scipy.sparse.random(24, nv, density=0.2, format="csc", random_state=0)
     small["f"] = np.array([[0, 1, 2], [2, 3, 4]], np.uint32)
     small["posedirs"] = np.asfortranarray(small["posedirs"])  # numpy's is_fortran path
@@ -129,9 +157,9 @@ def test_default_fixture_has_the_released_chumpy_layout(smpl_pkl, smpl_like_mode
     # Python 2 strings only: no unicode, no bytes, no _codecs.encode
     assert not {"BINUNICODE", "SHORT_BINBYTES", "BINBYTES"} & set(names)
     ch = next(i for i, (op, arg, _) in enumerate(ops) if arg == "chumpy.ch Ch")
-    assert names[ch + 1:ch + 4] == ["BINPUT", "EMPTY_TUPLE", "NEWOBJ"]
+    assert names[ch + 1 : ch + 4] == ["BINPUT", "EMPTY_TUPLE", "NEWOBJ"]
     sets = [i for i, (op, arg, _) in enumerate(ops) if arg == "__builtin__ set"]
-    after = [[n for n in names[i + 1:i + 8] if n != "BINPUT"][:3] for i in sets]
+    after = [[n for n in names[i + 1 : i + 8] if n != "BINPUT"][:3] for i in sets]
     assert after == [["EMPTY_LIST", "TUPLE1", "REDUCE"]]  # set([]), one Ch in the file
 
     raw = _reference_load(smpl_pkl)
@@ -163,8 +191,13 @@ def test_python2_dict_order():
 def test_every_protocol_round_trips_exactly(smpl_like_model, tmp_path, protocol):
     model = _small_model(smpl_like_model)
     path = tmp_path / "basicModel_f_lbs_10_207_0_v1.0.0.pkl"
-    write_released_style_pickle(path, model, gender="female", protocol=protocol,
-                                chumpy_keys=("shapedirs", "v_template", "posedirs", "weights"))
+    write_released_style_pickle(
+        path,
+        model,
+        gender="female",
+        protocol=protocol,
+        chumpy_keys=("shapedirs", "v_template", "posedirs", "weights"),
+    )
     data = path.read_bytes()
     if protocol < 2:  # objects through copy_reg._reconstructor(cls, object, None)
         assert b"ccopy_reg\n_reconstructor\n" in data and b"c__builtin__\nobject\n" in data
@@ -172,7 +205,7 @@ def test_every_protocol_round_trips_exactly(smpl_like_model, tmp_path, protocol)
     loaded = load_smpl_file(path)
     _assert_same_model(loaded, model)
     assert loaded["pose_training_info"]["gender"] == "female"
-    assert list(loaded)[:len(RELEASED_ORDER)] == RELEASED_ORDER
+    assert list(loaded)[: len(RELEASED_ORDER)] == RELEASED_ORDER
     # and numpy's own reconstruction agrees with ours
     reference = _reference_load(path)
     np.testing.assert_array_equal(reference["f"], loaded["f"])
@@ -201,8 +234,9 @@ def test_python3_resave_with_bytes_keys(smpl_like_model, tmp_path, rng):
 
 
 @pytest.mark.parametrize("gender,protocol", [("female", 1), ("male", 0)])
-def test_gendered_files_at_old_protocols_pose_like_numpy(smpl_like_model, tmp_path, rng,
-                                                          gender, protocol):
+def test_gendered_files_at_old_protocols_pose_like_numpy(
+    smpl_like_model, tmp_path, rng, gender, protocol
+):
     path = tmp_path / f"basicmodel_{gender[0]}_lbs_10_207_0_v1.1.0.pkl"
     write_released_style_pickle(path, smpl_like_model, gender=gender, protocol=protocol)
     body = SMPLBody(path, dtype=torch.float64)
@@ -210,16 +244,18 @@ def test_gendered_files_at_old_protocols_pose_like_numpy(smpl_like_model, tmp_pa
     rot = Rotation.from_rotvec(aa.reshape(-1, 3)).as_matrix().reshape(2, 24, 3, 3)
     verts = batch_vertices(body, torch.from_numpy(aa), torch.from_numpy(betas)).numpy()
     for i in range(2):
-        np.testing.assert_allclose(verts[i], numpy_lbs(smpl_like_model, rot[i], betas[i]),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            verts[i], numpy_lbs(smpl_like_model, rot[i], betas[i]), atol=1e-6
+        )
 
 
 def test_loader_matches_numpy_lbs(smpl_like_model, smpl_body, rng):
     aa = rng.normal(size=(3, 24, 3)) * 0.4
     betas = rng.normal(size=(3, 10))
     rot = Rotation.from_rotvec(aa.reshape(-1, 3)).as_matrix().reshape(3, 24, 3, 3)
-    ours = batch_vertices(smpl_body, torch.from_numpy(aa.reshape(3, 72)),
-                          torch.from_numpy(betas)).numpy()
+    ours = batch_vertices(
+        smpl_body, torch.from_numpy(aa.reshape(3, 72)), torch.from_numpy(betas)
+    ).numpy()
     for i in range(3):
         ref = numpy_lbs(smpl_like_model, rot[i], betas[i])
         np.testing.assert_allclose(ours[i], ref, atol=2e-5)
@@ -264,9 +300,19 @@ def _fake_chumpy(state, module="chumpy.ch", name="Ch"):
         sys.modules.setdefault(".".join(parts[:depth]), types.ModuleType(parts[depth - 1]))
     cls = getattr(sys.modules[module], name, None)
     if cls is None:
-        cls = type(name, (), {"__module__": module, "__qualname__": name,
-                              "__reduce_ex__": lambda self, protocol: (
-                                  copyreg.__newobj__, (type(self),), self.pickled_state)})
+        cls = type(
+            name,
+            (),
+            {
+                "__module__": module,
+                "__qualname__": name,
+                "__reduce_ex__": lambda self, protocol: (
+                    copyreg.__newobj__,
+                    (type(self),),
+                    self.pickled_state,
+                ),
+            },
+        )
         setattr(sys.modules[module], name, cls)
     obj = cls()
     obj.pickled_state = state
@@ -290,20 +336,25 @@ def _dump_model(path, model: dict, **overrides):
     return path
 
 
-@pytest.mark.parametrize("protocol,set_global", [(2, "__builtin__ set"), (3, "builtins set"),
-                                                  (4, None), (5, None)])
-def test_python3_chumpy_resaves_are_accepted(smpl_like_model, tmp_path, fake_chumpy_modules,
-                                             protocol, set_global):
+@pytest.mark.parametrize(
+    "protocol,set_global", [(2, "__builtin__ set"), (3, "builtins set"), (4, None), (5, None)]
+)
+def test_python3_chumpy_resaves_are_accepted(
+    smpl_like_model, tmp_path, fake_chumpy_modules, protocol, set_global
+):
     """Files dumped again by Python 3 with chumpy installed (numpy 2 arrays, str keys; at
     protocol 5 numpy reduces arrays to _frombuffer)."""
     model = _small_model(smpl_like_model)
     # chumpy >= 0.67 also stores _make_dense/_make_sparse; .r never evaluated leaves {'x'} dirty
-    state = _ch_state(model["shapedirs"], _dirty_vars={"x"}, _make_dense=False,
-                      _make_sparse=False)
+    state = _ch_state(model["shapedirs"], _dirty_vars={"x"}, _make_dense=False, _make_sparse=False)
     info = {"J_regressor_prior_wt": np.float64(10.0), "gender": "male"}
     path = tmp_path / "m.pkl"
-    path.write_bytes(pickle.dumps({**model, "shapedirs": _fake_chumpy(state),
-                                   "pose_training_info": info}, protocol=protocol))
+    path.write_bytes(
+        pickle.dumps(
+            {**model, "shapedirs": _fake_chumpy(state), "pose_training_info": info},
+            protocol=protocol,
+        )
+    )
     names = {arg for op, arg, _ in pickletools.genops(path.read_bytes()) if op.name == "GLOBAL"}
     assert set_global is None or set_global in names
     assert (b"_frombuffer" in path.read_bytes()) == (protocol == 5)
@@ -312,27 +363,37 @@ def test_python3_chumpy_resaves_are_accepted(smpl_like_model, tmp_path, fake_chu
     assert loaded["pose_training_info"] == info
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("deps", "non-empty _depends_on_deps"),
-    ("extra", r"attribute\(s\) \['a'\]"),
-    ("nested", "not a plain array"),
-    ("dirty", "bookkeeping"),
-    ("select", "chumpy.reordering.Select"),
-    ("add", "chumpy.ch_ops.add"),
-])
-def test_computed_chumpy_objects_are_refused(smpl_like_model, tmp_path, fake_chumpy_modules,
-                                            value, expected):
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("deps", "non-empty _depends_on_deps"),
+        ("extra", r"attribute\(s\) \['a'\]"),
+        ("nested", "not a plain array"),
+        ("dirty", "bookkeeping"),
+        ("select", "chumpy.reordering.Select"),
+        ("add", "chumpy.ch_ops.add"),
+    ],
+)
+def test_computed_chumpy_objects_are_refused(
+    smpl_like_model, tmp_path, fake_chumpy_modules, value, expected
+):
     model = _small_model(smpl_like_model)
     x = model["shapedirs"]
     leaf = _fake_chumpy(_ch_state(x))
     node = {
-        "deps": _fake_chumpy(_ch_state(x, _depends_on_deps={"r": {"deps": {"x"}, "value": None,
-                                                                 "out_of_date": True}})),
+        "deps": _fake_chumpy(
+            _ch_state(
+                x, _depends_on_deps={"r": {"deps": {"x"}, "value": None, "out_of_date": True}}
+            )
+        ),
         "extra": _fake_chumpy(_ch_state(x, a=leaf)),
         "nested": _fake_chumpy(_ch_state(leaf)),
         "dirty": _fake_chumpy(_ch_state(x, _dirty_vars={"a"})),
-        "select": _fake_chumpy({"a": leaf, "idxs": np.arange(3), "preferred_shape": (3,)},
-                              "chumpy.reordering", "Select"),
+        "select": _fake_chumpy(
+            {"a": leaf, "idxs": np.arange(3), "preferred_shape": (3,)},
+            "chumpy.reordering",
+            "Select",
+        ),
         "add": _fake_chumpy({"a": leaf, "b": leaf}, "chumpy.ch_ops", "add"),
     }[value]
     path = _dump_model(tmp_path / "m.pkl", model, shapedirs=node)
@@ -348,24 +409,38 @@ def _hostile_pickles(sentinel) -> dict[str, tuple[bytes, str]]:
     code = f"open({str(sentinel)!r}, 'w')".encode()
     return {
         "os.system": (b"cos\nsystem\n(S'" + cmd + b"'\ntR.", "'os.system' is not allowed"),
-        "posix.system in a value": (b"(dp0\nS'v_template'\np1\ncposix\nsystem\n(S'" + cmd
-                                    + b"'\ntRs.", "'posix.system' is not allowed"),
-        "eval": (b"c__builtin__\neval\n(S\"" + code + b"\"\ntR.", "'__builtin__.eval' is not"),
-        "builtins.exec": (b"cbuiltins\nexec\n(S\"" + code + b"\"\ntR.", "'builtins.exec' is not"),
-        "set of os.system": (b"c__builtin__\nset\n((cos\nsystem\n(S'" + cmd + b"'\ntRltR.",
-                             "'os.system' is not allowed"),
+        "posix.system in a value": (
+            b"(dp0\nS'v_template'\np1\ncposix\nsystem\n(S'" + cmd + b"'\ntRs.",
+            "'posix.system' is not allowed",
+        ),
+        "eval": (b'c__builtin__\neval\n(S"' + code + b'"\ntR.', "'__builtin__.eval' is not"),
+        "builtins.exec": (b'cbuiltins\nexec\n(S"' + code + b'"\ntR.', "'builtins.exec' is not"),
+        "set of os.system": (
+            b"c__builtin__\nset\n((cos\nsystem\n(S'" + cmd + b"'\ntRltR.",
+            "'os.system' is not allowed",
+        ),
         "set of non-names": (b"c__builtin__\nset\n((I1\nltR.", "set holds something other"),
-        "reconstructor of object": (b"ccopy_reg\n_reconstructor\n(c__builtin__\nobject\n"
-                                    b"c__builtin__\nobject\nNtR.", "_reconstructor of something"),
-        "reconstructor of os.system": (b"ccopy_reg\n_reconstructor\n(cos\nsystem\n"
-                                       b"c__builtin__\nobject\nNtR.", "'os.system' is not"),
-        "Ch called with a command": (b"cchumpy.ch\nCh\n(S'" + cmd + b"'\ntR.",
-                                     "constructed with arguments"),
+        "reconstructor of object": (
+            (b"ccopy_reg\n_reconstructor\n(c__builtin__\nobject\nc__builtin__\nobject\nNtR."),
+            "_reconstructor of something",
+        ),
+        "reconstructor of os.system": (
+            (b"ccopy_reg\n_reconstructor\n(cos\nsystem\nc__builtin__\nobject\nNtR."),
+            "'os.system' is not",
+        ),
+        "Ch called with a command": (
+            b"cchumpy.ch\nCh\n(S'" + cmd + b"'\ntR.",
+            "constructed with arguments",
+        ),
         "numpy.ndarray called": (b"cnumpy\nndarray\n((I10\ntS'f8'\ntR.", "called directly"),
-        "codecs other than latin1": (b"c_codecs\nencode\n(S'" + cmd + b"'\nS'rot13'\ntR.",
-                                     "other than latin-1"),
-        "subprocess": (b"csubprocess\ncheck_call\n((S'touch'\nS'" + str(sentinel).encode()
-                       + b"'\nltR.", "'subprocess.check_call' is not allowed"),
+        "codecs other than latin1": (
+            b"c_codecs\nencode\n(S'" + cmd + b"'\nS'rot13'\ntR.",
+            "other than latin-1",
+        ),
+        "subprocess": (
+            b"csubprocess\ncheck_call\n((S'touch'\nS'" + str(sentinel).encode() + b"'\nltR.",
+            "'subprocess.check_call' is not allowed",
+        ),
         "numpy.load": (b"cnumpy\nload\n(S'x.npy'\ntR.", "'numpy.load' is not allowed"),
         "persistent id": (b"P" + cmd + b"\n.", "persistent ids"),
     }
@@ -406,16 +481,19 @@ class _FrombufferClaim:
         return np.asfortranarray(np.ones((2, 2))).__reduce_ex__(5)[0], self.args
 
 
-@pytest.mark.parametrize("claim,expected", [
-    (_FrombufferClaim((10**12,), b"\0" * 8), "declares 8000000000000 bytes"),
-    (_FrombufferClaim((2,), b"\0" * 16, order="K"), "bad array order"),
-    (_ArrayClaim((10**12,), (0,), b""), "placeholder .* declares"),
-    (_ArrayClaim((0,), (10**12,), b"\0" * 8), "declares 8000000000000 bytes"),
-    (_ArrayClaim((0,), (10**6,), b"\0" * 8), "declares 8000000 bytes"),  # more than the file
-    (_ArrayClaim((0,), (2,), b"\0" * 8), "does not hold 16 bytes"),
-    (_ArrayClaim((0,), (2,), b"\0" * 16, dtype="O"), "not numeric"),
-    (_ArrayClaim((0,), (2,), b"\0" * 16, dtype="U1"), "not numeric"),
-])
+@pytest.mark.parametrize(
+    "claim,expected",
+    [
+        (_FrombufferClaim((10**12,), b"\0" * 8), "declares 8000000000000 bytes"),
+        (_FrombufferClaim((2,), b"\0" * 16, order="K"), "bad array order"),
+        (_ArrayClaim((10**12,), (0,), b""), "placeholder .* declares"),
+        (_ArrayClaim((0,), (10**12,), b"\0" * 8), "declares 8000000000000 bytes"),
+        (_ArrayClaim((0,), (10**6,), b"\0" * 8), "declares 8000000 bytes"),  # more than the file
+        (_ArrayClaim((0,), (2,), b"\0" * 8), "does not hold 16 bytes"),
+        (_ArrayClaim((0,), (2,), b"\0" * 16, dtype="O"), "not numeric"),
+        (_ArrayClaim((0,), (2,), b"\0" * 16, dtype="U1"), "not numeric"),
+    ],
+)
 def test_array_claims_are_checked_before_allocating(tmp_path, claim, expected):
     path = tmp_path / "claim.pkl"
     path.write_bytes(pickle.dumps({"v_template": claim}, protocol=2))
@@ -423,8 +501,9 @@ def test_array_claims_are_checked_before_allocating(tmp_path, claim, expected):
         load_smpl_file(path)
 
 
-@pytest.mark.parametrize("key,bad", [("v_template", np.nan), ("shapedirs", np.inf),
-                                     ("J_regressor", np.nan)])
+@pytest.mark.parametrize(
+    "key,bad", [("v_template", np.nan), ("shapedirs", np.inf), ("J_regressor", np.nan)]
+)
 def test_non_finite_values_are_refused(smpl_like_model, tmp_path, key, bad):
     model = _small_model(smpl_like_model)
     if key == "J_regressor":

@@ -61,14 +61,16 @@ def vibe_dump(results: dict, folder: Path) -> Path:
     return path
 
 
-def demo_track(verts: np.ndarray, frames: list[int], boxes: np.ndarray, rng,
-               meva: bool = False) -> dict:
+def demo_track(
+    verts: np.ndarray, frames: list[int], boxes: np.ndarray, rng, meva: bool = False
+) -> dict:
     """One person's entry of ``vibe_results`` with the demo's keys, order and dtypes."""
     n = len(frames)
     pred_cam = rng.normal(size=(n, 3)).astype(np.float32)
     h = boxes[:, 2]
-    orig_cam = np.stack([pred_cam[:, 0] / (1000 / h), pred_cam[:, 0] / (1002 / h),
-                         pred_cam[:, 1], pred_cam[:, 2]]).T  # float64, as VIBE's helper returns
+    orig_cam = np.stack(
+        [pred_cam[:, 0] / (1000 / h), pred_cam[:, 0] / (1002 / h), pred_cam[:, 1], pred_cam[:, 2]]
+    ).T  # float64, as VIBE's helper returns
     track = {
         "pred_cam": pred_cam,
         "orig_cam": orig_cam,
@@ -116,8 +118,15 @@ def h36m(tmp_path_factory):
     gt17 = np.array(gt17)[order]
     video_of_row = [video_of_row[i] for i in order]
     save_h36m(root / "gt.npz", names, centers, np.full(len(names), 2.0), joints17_to_s24(gt17))
-    return dict(root=root, j=j_reg, gt17=gt17, centers=centers, video_of_row=video_of_row,
-                subject_verts=subject_verts, rng=rng)
+    return dict(
+        root=root,
+        j=j_reg,
+        gt17=gt17,
+        centers=centers,
+        video_of_row=video_of_row,
+        subject_verts=subject_verts,
+        rng=rng,
+    )
 
 
 def expected(h36m, covered) -> tuple[float, float, int]:
@@ -146,19 +155,24 @@ def write_vibe_folders(h36m, out: Path) -> set:
         for c in CAMERAS:
             verts = h36m["subject_verts"][(s, a, c)]
             lost = s == "S11" and c == CAMERAS[1]
-            part1, part2 = list(range(0, 25)), list(range(25, 30 if lost else FRAMES))
+            part1, part2 = list(range(25)), list(range(25, 30 if lost else FRAMES))
             other = list(range(3, 30 if lost else 38))  # else it would win k = 31, 36
             results = {
                 # SORT ids; the distractor comes first so "first track wins" would pick it
-                2: demo_track(rng.normal(size=(len(other), V, 3)), other,
-                              square(700, 500, 444, len(other)), rng),
+                2: demo_track(
+                    rng.normal(size=(len(other), V, 3)),
+                    other,
+                    square(700, 500, 444, len(other)),
+                    rng,
+                ),
                 5: demo_track(verts[part1], part1, square(500, 500, 444, len(part1)), rng),
                 7: demo_track(verts[part2], part2, square(500, 505, 444, len(part2)), rng),
             }
             if lost:
                 far = list(range(30, FRAMES))
-                results[9] = demo_track(rng.normal(size=(len(far), V, 3)), far,
-                                        square(1500, 500, 300, len(far)), rng)
+                results[9] = demo_track(
+                    rng.normal(size=(len(far), V, 3)), far, square(1500, 500, 300, len(far)), rng
+                )
             vibe_dump(results, out / s / f"{a}.{c}")
             covered |= {(s, a, c, f) for f in part1 + part2}
     return covered
@@ -169,8 +183,9 @@ def test_vibe_folders_score_exactly_the_right_rows(h36m, tmp_path):
     covered = write_vibe_folders(h36m, tmp_path / "vibe")
     raw = (tmp_path / "vibe" / "S9" / "Directions 1.54138969" / "vibe_output.pkl").read_bytes()
     assert raw[:2] == b"\x80\x03" and b"numpy_array_alignment_bytes" not in raw  # joblib 0.14
-    doc = evaluate([("vibe", tmp_path / "vibe")], root / "gt.npz", {"J": root / "J.npy"},
-                   allow_missing=True)
+    doc = evaluate(
+        [("vibe", tmp_path / "vibe")], root / "gt.npz", {"J": root / "J.npy"}, allow_missing=True
+    ).summary
     e, pa, n = expected(h36m, covered)
     res = doc["results"][0]
     assert res["frames"] == n == 4 * 8 - 2  # rows k = 31, 36 of the lost video are not scored
@@ -205,17 +220,23 @@ def test_meva_nested_layout_and_empty_output(h36m, tmp_path):
         verts = h36m["subject_verts"][("S9", "Directions 1", c)]
         folder = out / "S9" / f"Directions 1.{c}"
         folder.mkdir(parents=True)
-        joblib.dump({1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng, meva=True)},
-                    folder / "meva_output.pkl")
+        joblib.dump(
+            {1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng, meva=True)},
+            folder / "meva_output.pkl",
+        )
         covered |= {("S9", "Directions 1", c, f) for f in frames}
     empty = out / "S9" / "Sitting Down 2.54138969" / "meva_output.pkl"
     empty.parent.mkdir()
     joblib.dump({}, empty)
     elsewhere = out / "S9" / "Walking 1.54138969"  # a video the GT file does not hold
     elsewhere.mkdir()
-    joblib.dump({1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng, meva=True)},
-                elsewhere / "meva_output.pkl")
-    doc = evaluate([("meva", out)], root / "gt.npz", {"J": root / "J.npy"}, allow_missing=True)
+    joblib.dump(
+        {1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng, meva=True)},
+        elsewhere / "meva_output.pkl",
+    )
+    doc = evaluate(
+        [("meva", out)], root / "gt.npz", {"J": root / "J.npy"}, allow_missing=True
+    ).summary
     e, pa, n = expected(h36m, covered)
     assert doc["results"][0]["frames"] == n == 16
     assert doc["results"][0]["mpjpe_mm"] == pytest.approx(e, rel=1e-6)
@@ -233,11 +254,24 @@ def test_cli_takes_a_folder_and_a_subject(h36m, tmp_path, capsys):
     rng = np.random.default_rng(9)
     verts = h36m["subject_verts"][("S9", "Sitting Down 2", CAMERAS[0])]
     frames = list(range(FRAMES))
-    vibe_dump({1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng)},
-              tmp_path / "out" / f"Sitting Down 2.{CAMERAS[0]}")
-    args = ["evaluate", "--method", "vibe", "--predictions", str(tmp_path / "out"), "--gt",
-            str(root / "gt.npz"), "--regressor", f"J={root / 'J.npy'}", "--allow-missing",
-            "--json", str(tmp_path / "r.json")]
+    vibe_dump(
+        {1: demo_track(verts, frames, square(500, 500, 444, FRAMES), rng)},
+        tmp_path / "out" / f"Sitting Down 2.{CAMERAS[0]}",
+    )
+    args = [
+        "evaluate",
+        "--method",
+        "vibe",
+        "--predictions",
+        str(tmp_path / "out"),
+        "--gt",
+        str(root / "gt.npz"),
+        "--regressor",
+        f"J={root / 'J.npy'}",
+        "--allow-missing",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 1
     assert "--subject" in capsys.readouterr().err
     assert main(args + ["--subject", "S9"]) == 0
@@ -248,17 +282,23 @@ def test_cli_takes_a_folder_and_a_subject(h36m, tmp_path, capsys):
 
 
 def test_video_key_from_path():
-    assert video_key("out/S9/Directions 1.54138969/vibe_output.pkl") == \
-        VideoKey("S9", "Directions 1", "54138969")
-    assert video_key("x/S11/vibe/Directions.60457274/vibe_output.pkl") == \
-        VideoKey("S11", "Directions", "60457274")
+    assert video_key("out/S9/Directions 1.54138969/vibe_output.pkl") == VideoKey(
+        "S9", "Directions 1", "54138969"
+    )
+    assert video_key("x/S11/vibe/Directions.60457274/vibe_output.pkl") == VideoKey(
+        "S11", "Directions", "60457274"
+    )
     assert video_key("o/S9_Walking 1.55011271/v.pkl").subject == "S9"
     assert video_key("o/Walking 1.55011271/v.pkl", subject="S11").subject == "S11"
-    assert VideoKey("S9", "Sitting Down 2", "58860488").imgname(6) == \
-        "images/S9_Sitting_Down_2.58860488_000006.jpg"
-    for path, kw, match in (("o/Walking 1.55011271/v.pkl", {}, "--subject"),
-                            ("o/S9/Walking 1.55011271/v.pkl", {"subject": "S11"}, "S9"),
-                            ("o/S9/results/v.pkl", {}, "not a Human3.6M video")):
+    assert (
+        VideoKey("S9", "Sitting Down 2", "58860488").imgname(6)
+        == "images/S9_Sitting_Down_2.58860488_000006.jpg"
+    )
+    for path, kw, match in (
+        ("o/Walking 1.55011271/v.pkl", {}, "--subject"),
+        ("o/S9/Walking 1.55011271/v.pkl", {"subject": "S11"}, "S9"),
+        ("o/S9/results/v.pkl", {}, "not a Human3.6M video"),
+    ):
         with pytest.raises(JregfixError, match=match):
             video_key(path, **kw)
 
@@ -269,20 +309,22 @@ def test_bad_tracks_are_refused(h36m, tmp_path):
     verts = h36m["subject_verts"][("S9", "Directions 1", CAMERAS[0])][:10]
     track = demo_track(verts, list(range(10)), square(500, 500, 444, 10), rng)
     folder = tmp_path / "S9" / f"Directions 1.{CAMERAS[0]}"
-    cases = {"float64": ("frame_ids", track["frame_ids"].astype(np.float64)),
-             "appears twice": ("frame_ids", np.r_[0, np.arange(9)]),
-             "bboxes": ("bboxes", track["bboxes"][:, :3])}
+    cases = {
+        "float64": ("frame_ids", track["frame_ids"].astype(np.float64)),
+        "appears twice": ("frame_ids", np.r_[0, np.arange(9)]),
+        "bboxes": ("bboxes", track["bboxes"][:, :3]),
+    }
     for match, (key, value) in cases.items():
         vibe_dump({1: {**track, key: value}}, folder)
         with pytest.raises(JregfixError, match=match):
-            evaluate([("vibe", tmp_path)], root / "gt.npz", {"J": root / "J.npy"},
-                     allow_missing=True)
+            evaluate(
+                [("vibe", tmp_path)], root / "gt.npz", {"J": root / "J.npy"}, allow_missing=True
+            )
     vibe_dump({1: track}, folder)
     copy = tmp_path / "copy" / "S9" / f"Directions 1.{CAMERAS[0]}"
     vibe_dump({1: track}, copy)
     with pytest.raises(JregfixError, match="second output for video"):
-        evaluate([("vibe", tmp_path)], root / "gt.npz", {"J": root / "J.npy"},
-                 allow_missing=True)
+        evaluate([("vibe", tmp_path)], root / "gt.npz", {"J": root / "J.npy"}, allow_missing=True)
     with pytest.raises(JregfixError, match="meva_output.pkl.*is --method right"):
         evaluate([("meva", tmp_path)], root / "gt.npz", {"J": root / "J.npy"})
 

@@ -1,18 +1,23 @@
 """The synthetic Anny world: geometry, formats and determinism against independent computations.
 
 Needs the optional ``anny`` package (skips otherwise); the first run builds Anny's model once.
+Every test that needs the Anny body is marked slow: loading the built model and generating the
+tiny world take 5-15 s even when the tests themselves are quick.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import jregfix
 from jregfix.errors import JregfixError
 
 TINY = dict(train_subjects=("S1",), test_subjects=("S9",), frames=2, crop_size=64)
@@ -28,7 +33,7 @@ def body():
 
 @pytest.fixture(scope="session")
 def world(body, tmp_path_factory):
-    from jregfix.stages.world import WorldConfig, generate_world
+    from jregfix.synthetic.world import WorldConfig, generate_world
 
     out = tmp_path_factory.mktemp("world")
     doc = generate_world(out, WorldConfig(**TINY, seed=3), body)
@@ -41,11 +46,13 @@ def _pose(body, path):
 
     p = load_params(path)
     with torch.no_grad():
-        out = body(pose_to_rotmat(torch.from_numpy(p.pose).float(), 24),
-                   torch.from_numpy(p.betas).float())
+        out = body(
+            pose_to_rotmat(torch.from_numpy(p.pose).float(), 24), torch.from_numpy(p.betas).float()
+        )
     return p, out
 
 
+@pytest.mark.slow
 def test_gt_joints_are_the_true_bodies_anatomical_joints(body, world):
     from jregfix.io.h36m import load_h36m
 
@@ -64,6 +71,7 @@ def test_gt_joints_are_the_true_bodies_anatomical_joints(body, world):
         assert set(gt.cameras) == {"54138969", "55011271", "58860488", "60457274"}
 
 
+@pytest.mark.slow
 def test_crop_camera_reproduces_the_crop(world):
     """SPIN's crop camera (f = 5000 s/224) + cam_t puts the joints where the crop shows them."""
     from jregfix.io.h36m import H36M17_FROM_J24, load_h36m
@@ -87,6 +95,7 @@ def test_crop_camera_reproduces_the_crop(world):
     assert np.all((extent > 0.3 * size) & (extent < size))
 
 
+@pytest.mark.slow
 def test_masks_are_the_true_silhouettes_corrupted(body, world):
     from jregfix.geometry.camera import PinholeCamera
     from jregfix.io.masks import load_silhouettes
@@ -100,8 +109,9 @@ def test_masks_are_the_true_silhouettes_corrupted(body, world):
     def iou(path):
         p, out = _pose(body, path)
         cam = PinholeCamera.spin_crop(len(p), 5000 * size / 224, size)
-        r = hard_silhouette(out.vertices, body.faces, cam, size,
-                            cam_t=torch.from_numpy(p.cam_t).float()).numpy()
+        r = hard_silhouette(
+            out.vertices, body.faces, cam, size, cam_t=torch.from_numpy(p.cam_t).float()
+        ).numpy()
         return ((r & sil.masks).sum((1, 2)) / (r | sil.masks).sum((1, 2))).mean()
 
     truth, init = iou(out_dir / "truth_train.npz"), iou(out_dir / "spin_train.npz")
@@ -111,6 +121,7 @@ def test_masks_are_the_true_silhouettes_corrupted(body, world):
     assert 0.5 < clean_iou.mean() < 1.0  # corrupted, but still the person
 
 
+@pytest.mark.slow
 def test_method_outputs_in_their_real_formats(world):
     import joblib
 
@@ -139,6 +150,7 @@ def test_method_outputs_in_their_real_formats(world):
         assert z["betas"].shape == (n, 6)
 
 
+@pytest.mark.slow
 def test_standard_regressor_carries_the_planted_bias(body, world):
     """On the true training meshes the oracle regresses the GT joints, the standard does not."""
     from jregfix.io.h36m import load_h36m
@@ -159,7 +171,7 @@ def test_standard_regressor_carries_the_planted_bias(body, world):
 @pytest.mark.slow
 def test_same_seed_same_bytes(body, world, tmp_path):
     from jregfix.io.atomic import sha256_file
-    from jregfix.stages.world import WorldConfig, generate_world, world_is_current
+    from jregfix.synthetic.world import WorldConfig, generate_world, world_is_current
 
     out_dir, doc = world
     again = generate_world(tmp_path / "a", WorldConfig(**TINY, seed=3), body)
@@ -172,10 +184,11 @@ def test_same_seed_same_bytes(body, world, tmp_path):
     assert other["files"]["spin_test.npz"] != doc["files"]["spin_test.npz"]
 
 
+@pytest.mark.slow
 def test_pose_conventions_move_limbs_the_right_way(body):
     """Hip flexion raises the thigh forward (+z), knee flexion takes the foot back, shoulder
     flexion brings the wrist forward, elbow flexion folds the forearm towards the shoulder."""
-    from jregfix.stages.world import Skeleton, body_rotations
+    from jregfix.synthetic.motion import Skeleton, body_rotations
 
     skel = Skeleton.from_body(body)
     names = list(body.all_bone_names)
@@ -184,9 +197,17 @@ def test_pose_conventions_move_limbs_the_right_way(body):
         rot = torch.from_numpy(body_rotations(skel, angles)).float()[None]
         with torch.no_grad():
             out = body(rot, torch.zeros(1, 6))
-        return {n: out.bone_heads[0, names.index(n)].numpy() for n in
-                ("lowerleg01.L", "foot.L", "upperarm01.R", "lowerarm01.R", "wrist.R",
-                 "upperleg01.L")}
+        return {
+            n: out.bone_heads[0, names.index(n)].numpy()
+            for n in (
+                "lowerleg01.L",
+                "foot.L",
+                "upperarm01.R",
+                "lowerarm01.R",
+                "wrist.R",
+                "upperleg01.L",
+            )
+        }
 
     rest = heads({})
     hip = heads({"hip_flex.L": 90})
@@ -205,7 +226,8 @@ def test_pose_conventions_move_limbs_the_right_way(body):
 
 
 def test_joint_limits_and_smoothed_noise():
-    from jregfix.stages.world import FAMILIES, LIMITS, _smoothed_noise, clip_angles, family_angles
+    from jregfix.synthetic.motion import FAMILIES, LIMITS, clip_angles, family_angles
+    from jregfix.synthetic.noise import smoothed_noise
 
     for fam in FAMILIES:
         for t in np.linspace(0, 3, 31):
@@ -223,28 +245,32 @@ def test_joint_limits_and_smoothed_noise():
     def lag1(x):
         return np.corrcoef(x[:-1].ravel(), x[1:].ravel())[0, 1]
 
-    smooth = _smoothed_noise(rng, tracks, (5,), 0.1, 5.0)
-    white = _smoothed_noise(rng, tracks, (5,), 0.1, 0.0)
+    smooth = smoothed_noise(rng, tracks, (5,), 0.1, 5.0)
+    white = smoothed_noise(rng, tracks, (5,), 0.1, 0.0)
     assert lag1(smooth) > 0.9 and abs(lag1(white)) < 0.2
     assert abs(smooth.std() - 0.1) < 0.03 and abs(white.std() - 0.1) < 0.01
     # Short tracks are as noisy as long ones (stationary noise, no blow-up).
-    short = _smoothed_noise(rng, [np.arange(3 * i, 3 * i + 3) for i in range(400)], (), 0.1, 5.0)
+    short = smoothed_noise(rng, [np.arange(3 * i, 3 * i + 3) for i in range(400)], (), 0.1, 5.0)
     assert abs(short.std() - 0.1) < 0.01
 
 
 def test_run_config_errors(tmp_path):
     from jregfix.stages.run import load_config
 
-    base = {"gt": {"train": "a.npz", "test": "b.npz"}, "init": {"given": "i.npz"},
-            "silhouettes": {"given": "m.npz"},
-            "evaluate": {"methods": [{"method": "spin", "path": "p.npz"}]}}
+    base = {
+        "gt": {"train": "a.npz", "test": "b.npz"},
+        "init": {"given": "i.npz"},
+        "silhouettes": {"given": "m.npz"},
+        "evaluate": {"methods": [{"method": "spin", "path": "p.npz"}]},
+    }
     cfg = load_config(base)
     assert cfg["refine"]["iters"] == 100 and cfg["evaluate"]["methods"][0]["label"] == "spin"
     for bad, message in (
-            ({**base, "refine": {"iterations": 3}}, "unknown key 'refine.iterations'"),
-            ({**base, "gt": {"train": "a.npz"}}, "gt.test"),
-            ({**base, "init": {"given": "i.npz", "spin": {"images": "x"}}}, "exactly one"),
-            ({**base, "evaluate": {"methods": []}}, "methods is empty")):
+        ({**base, "refine": {"iterations": 3}}, "unknown key 'refine.iterations'"),
+        ({**base, "gt": {"train": "a.npz"}}, "gt.test"),
+        ({**base, "init": {"given": "i.npz", "spin": {"images": "x"}}}, "exactly one"),
+        ({**base, "evaluate": {"methods": []}}, "methods is empty"),
+    ):
         with pytest.raises(JregfixError, match=message):
             load_config(bad)
     path = tmp_path / "run.json"
@@ -252,12 +278,103 @@ def test_run_config_errors(tmp_path):
     cfg = load_config(path)
     assert cfg["gt"]["train"] == str(tmp_path / "a.npz")
     toml = tmp_path / "run.toml"
-    toml.write_text('[gt]\ntrain = "a.npz"\ntest = "b.npz"\n[init]\ngiven = "i.npz"\n'
-                    '[silhouettes]\ngiven = "m.npz"\n[refine]\niters = 7\n'
-                    '[[evaluate.methods]]\nmethod = "vibe"\npath = "v.pkl"\n')
+    toml.write_text(
+        '[gt]\ntrain = "a.npz"\ntest = "b.npz"\n[init]\ngiven = "i.npz"\n'
+        '[silhouettes]\ngiven = "m.npz"\n[refine]\niters = 7\n'
+        '[[evaluate.methods]]\nmethod = "vibe"\npath = "v.pkl"\n'
+    )
     if sys.version_info >= (3, 11):
         cfg = load_config(toml)
         assert cfg["refine"]["iters"] == 7 and cfg["init"]["given"] == str(tmp_path / "i.npz")
     path.write_text("{not json")
     with pytest.raises(JregfixError, match="not a valid"):
         load_config(path)
+
+
+def _imported_modules(tree: ast.Module, package: str) -> set[str]:
+    """Absolute names of every module an AST imports (relative imports resolved in package)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _importers_of_synthetic(root) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        module = ".".join(rel.with_suffix("").parts)
+        if module.startswith("jregfix.synthetic") or module == "jregfix.cli.demo":
+            continue
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        if package.endswith(".__init__"):
+            package = package[: -len(".__init__")]
+        imported = _imported_modules(ast.parse(path.read_text()), package)
+        if any(m == "jregfix.synthetic" or m.startswith("jregfix.synthetic.") for m in imported):
+            found.append(module)
+    return found
+
+
+def test_only_the_demo_imports_the_synthetic_world(tmp_path):
+    """The real pipeline never depends on synthetic data: under jregfix/ only synthetic/ itself
+    and cli/demo.py import jregfix.synthetic (any import form, also inside functions)."""
+    root = Path(jregfix.__file__).parent
+    assert _importers_of_synthetic(root) == []
+    # The check sees every import form: plant each one in a copy of a small package.
+    fake = tmp_path / "jregfix"
+    (fake / "stages").mkdir(parents=True)
+    (fake / "synthetic").mkdir()
+    (fake / "cli").mkdir()
+    (fake / "synthetic" / "world.py").write_text("from jregfix.stages import a\n")
+    (fake / "cli" / "demo.py").write_text("from jregfix.synthetic import world\n")
+    (fake / "stages" / "a.py").write_text("import numpy\n")
+    assert _importers_of_synthetic(fake) == []
+    for i, line in enumerate(
+        (
+            "import jregfix.synthetic.world",
+            "from jregfix.synthetic.world import generate_world",
+            "from jregfix import synthetic",
+            "from .. import synthetic",
+            "from ..synthetic.demo import demo_run_config",
+            "def f():\n    from jregfix.synthetic import body\n",
+        )
+    ):
+        (fake / "stages" / f"b{i}.py").write_text(line + "\n")
+        assert _importers_of_synthetic(fake) == [f"jregfix.stages.b{i}"], line
+        (fake / "stages" / f"b{i}.py").unlink()
+
+
+def test_mask_iou_numpy_and_torch_against_pixel_sets():
+    """geometry.metrics.mask_iou (the world's clean_iou) vs IoU counted on sets of pixels."""
+    from jregfix.geometry.metrics import mask_iou
+
+    rng = np.random.default_rng(5)
+    a = rng.random((3, 4, 9, 7)) < 0.4
+    b = rng.random((3, 4, 9, 7)) < 0.6
+    a[0, 0] = b[0, 0] = False  # both empty: IoU 1 by convention
+    b[0, 1] = False  # one empty: IoU 0
+
+    def pixel_set(m):
+        return {tuple(p) for p in np.argwhere(m)}
+
+    expected = np.ones((3, 4))
+    for i, j in np.ndindex(3, 4):
+        sa, sb = pixel_set(a[i, j]), pixel_set(b[i, j])
+        if sa | sb:
+            expected[i, j] = len(sa & sb) / len(sa | sb)
+    assert expected[0, 1] == 0.0 and expected[0, 0] == 1.0
+    got = mask_iou(a, b)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.shape == (3, 4)
+    np.testing.assert_array_equal(got, expected)
+    got_t = mask_iou(torch.from_numpy(a), torch.from_numpy(b))
+    assert got_t.dtype == torch.float64
+    np.testing.assert_array_equal(got_t.numpy(), expected)
+    assert float(mask_iou(a[1, 2], b[1, 2])) == expected[1, 2]  # a single (H, W) pair

@@ -46,27 +46,61 @@ PHENOTYPES = ("gender", "age", "muscle", "weight", "height", "proportions")
 DEFAULT_PHENOTYPE = (0.5, 0.8, 0.5, 0.5, 0.37, 0.5)
 """Phenotype at zero betas: gender neutral, ~41 years, average muscle/weight/proportions, and the
 height value between Anny's calibrated adult male (0.39) and female (0.35) means."""
-PHENOTYPE_RANGE = {"gender": (0.0, 1.0), "age": (-1 / 3, 1.0), "muscle": (0.0, 1.0),
-                   "weight": (0.0, 1.0), "height": (0.0, 1.0), "proportions": (0.0, 1.0)}
+PHENOTYPE_RANGE = {
+    "gender": (0.0, 1.0),
+    "age": (-1 / 3, 1.0),
+    "muscle": (0.0, 1.0),
+    "weight": (0.0, 1.0),
+    "height": (0.0, 1.0),
+    "proportions": (0.0, 1.0),
+}
 
 DEFAULT_BONES = (
     "root",
-    "spine05", "spine04", "spine03", "spine02", "spine01",
-    "neck01", "neck02", "neck03", "head",
-    "clavicle.L", "upperarm01.L", "lowerarm01.L", "wrist.L",
-    "clavicle.R", "upperarm01.R", "lowerarm01.R", "wrist.R",
-    "upperleg01.L", "lowerleg01.L", "foot.L",
-    "upperleg01.R", "lowerleg01.R", "foot.R",
+    "spine05",
+    "spine04",
+    "spine03",
+    "spine02",
+    "spine01",
+    "neck01",
+    "neck02",
+    "neck03",
+    "head",
+    "clavicle.L",
+    "upperarm01.L",
+    "lowerarm01.L",
+    "wrist.L",
+    "clavicle.R",
+    "upperarm01.R",
+    "lowerarm01.R",
+    "wrist.R",
+    "upperleg01.L",
+    "lowerleg01.L",
+    "foot.L",
+    "upperleg01.R",
+    "lowerleg01.R",
+    "foot.R",
 )
 """Posable bones: global orientation, lower back to head, clavicle/shoulder/elbow/wrist and
 hip/knee/ankle. Twist, finger, toe, eye and pelvis bones stay at their reference orientation."""
 
 H36M_JOINTS = (
-    ("Pelvis", "root"), ("L Hip", "upperleg01.L"), ("L Knee", "lowerleg01.L"),
-    ("L Ankle", "foot.L"), ("R Hip", "upperleg01.R"), ("R Knee", "lowerleg01.R"),
-    ("R Ankle", "foot.R"), ("Spine", "spine02"), ("Thorax", "neck01"), ("Neck/Nose", "head"),
-    ("Head top", None), ("L Shoulder", "upperarm01.L"), ("L Elbow", "lowerarm01.L"),
-    ("L Wrist", "wrist.L"), ("R Shoulder", "upperarm01.R"), ("R Elbow", "lowerarm01.R"),
+    ("Pelvis", "root"),
+    ("L Hip", "upperleg01.L"),
+    ("L Knee", "lowerleg01.L"),
+    ("L Ankle", "foot.L"),
+    ("R Hip", "upperleg01.R"),
+    ("R Knee", "lowerleg01.R"),
+    ("R Ankle", "foot.R"),
+    ("Spine", "spine02"),
+    ("Thorax", "neck01"),
+    ("Neck/Nose", "head"),
+    ("Head top", None),
+    ("L Shoulder", "upperarm01.L"),
+    ("L Elbow", "lowerarm01.L"),
+    ("L Wrist", "wrist.L"),
+    ("R Shoulder", "upperarm01.R"),
+    ("R Elbow", "lowerarm01.R"),
     ("R Wrist", "wrist.R"),
 )
 """H36M-17 in SPIN's regressor row order (SPIN's J_regressor_h36m.npy) -> the Anny bone whose head
@@ -74,10 +108,17 @@ is the joint centre. Head top has no bone head: it is the crown vertex :data:`HE
 HEAD_TOP_VERTEX = 881
 """The highest vertex of the skull (midline) in the reference pose, for all phenotypes tried."""
 
-_ANNY_CONFIG = dict(rig="anny", topology="anny", local_changes="none", facial_actions="none",
-                    phenotypes="default", extrapolate_phenotypes=False,
-                    pose_parameterization="local-ref", skinning_method="lbs",
-                    phenotype_blendshapes="compact")
+_ANNY_CONFIG = dict(
+    rig="anny",
+    topology="anny",
+    local_changes="none",
+    facial_actions="none",
+    phenotypes="default",
+    extrapolate_phenotypes=False,
+    pose_parameterization="local-ref",
+    skinning_method="lbs",
+    phenotype_blendshapes="compact",
+)
 _INTERMEDIATE_PREFIXES = ("load_data_", "build_model_data_")
 
 
@@ -116,12 +157,17 @@ class _BuildWatcher(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if not self.building and record.getMessage().startswith("No cached model data"):
             self.building = True
-            self.say(f"Building the Anny body model once (1-3 minutes, ~2 GB RAM); "
-                     f"caching it in {self.cache_dir}")
+            self.say(
+                f"Building the Anny body model once (1-3 minutes, ~2 GB RAM); "
+                f"caching it in {self.cache_dir}"
+            )
 
 
-def build_anny(cache_dir: str | os.PathLike | None = None,
-               say: Callable[[str], None] | None = None, keep_intermediate: bool = False):
+def build_anny(
+    cache_dir: str | os.PathLike | None = None,
+    say: Callable[[str], None] | None = None,
+    keep_intermediate: bool = False,
+):
     """The raw ``anny.Anny`` model (float64, CPU), built once and cached under ``cache_dir``.
 
     ``say`` receives the one-time build message (default: this module's logger at WARNING).
@@ -167,15 +213,29 @@ class AnnyBody(torch.nn.Module):
     """
 
     name = "anny"
+    # buffers registered in __init__
+    bone_index: torch.Tensor
+    h36m_bone_index: torch.Tensor
+    frame: torch.Tensor
+    default_phenotype: torch.Tensor
+    faces: torch.Tensor
+    template: torch.Tensor
 
-    def __init__(self, bones: tuple[str, ...] | str = DEFAULT_BONES,
-                 cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", say: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        bones: tuple[str, ...] | str = DEFAULT_BONES,
+        cache_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        say: Callable[[str], None] | None = None,
+    ):
         super().__init__()
         model = build_anny(cache_dir, say=say)
         if tuple(model.phenotype_labels) != PHENOTYPES:
-            raise JregfixError(f"unsupported anny version: phenotypes {model.phenotype_labels}, "
-                               f"expected {list(PHENOTYPES)}")
+            raise JregfixError(
+                f"unsupported anny version: phenotypes {model.phenotype_labels}, "
+                f"expected {list(PHENOTYPES)}"
+            )
         self.anny = model.to(device=device, dtype=dtype)
         self.all_bone_names: tuple[str, ...] = tuple(model.bone_labels)
         self.bone_names = self.all_bone_names if bones == "all" else tuple(bones)
@@ -189,18 +249,22 @@ class AnnyBody(torch.nn.Module):
         self.register_buffer("h36m_bone_index", torch.tensor(h36m), persistent=False)
         frame = torch.tensor(ANNY_TO_MODEL, dtype=dtype, device=device)
         self.register_buffer("frame", frame, persistent=False)
-        self.register_buffer("default_phenotype",
-                             torch.tensor(DEFAULT_PHENOTYPE, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("faces", model.faces.to(device=device, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "default_phenotype",
+            torch.tensor(DEFAULT_PHENOTYPE, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "faces", model.faces.to(device=device, dtype=torch.int64), persistent=False
+        )
         self.num_vertices = int(model.template_vertices.shape[0])
         self.num_joints = len(self.bone_names)
         self.num_betas = len(PHENOTYPES)
         eye = torch.eye(3, dtype=dtype, device=device).expand(1, self.num_joints, 3, 3)
         with torch.no_grad():
-            template = self.vertices(eye, torch.zeros(1, self.num_betas, dtype=dtype,
-                                                      device=device))[0]
+            template = self.vertices(
+                eye, torch.zeros(1, self.num_betas, dtype=dtype, device=device)
+            )[0]
         self.register_buffer("template", template, persistent=False)
 
     def forward(self, rotmat: torch.Tensor, betas: torch.Tensor) -> AnnyOutput:
@@ -209,16 +273,18 @@ class AnnyBody(torch.nn.Module):
         if rotmat.shape[1:] != (self.num_joints, 3, 3) or betas.shape != (n, self.num_betas):
             raise JregfixError(
                 f"Anny expects rotmat (N, {self.num_joints}, 3, 3) and betas (N, "
-                f"{self.num_betas}); got {tuple(rotmat.shape)} and {tuple(betas.shape)}")
+                f"{self.num_betas}); got {tuple(rotmat.shape)} and {tuple(betas.shape)}"
+            )
         # Model-frame rotations -> Anny's axes (conjugation by the frame change).
         rot = self.frame.T @ rotmat @ self.frame
         delta = torch.eye(4, dtype=rot.dtype, device=rot.device).repeat(
-            n, len(self.all_bone_names), 1, 1)
+            n, len(self.all_bone_names), 1, 1
+        )
         delta[:, self.bone_index, :3, :3] = rot
-        out = self.anny(pose_parameters=delta,
-                        phenotype_kwargs=self.default_phenotype + betas)
-        return AnnyOutput(out["vertices"] @ self.frame.T,
-                          out["bone_poses"][..., :3, 3] @ self.frame.T)
+        out = self.anny(pose_parameters=delta, phenotype_kwargs=self.default_phenotype + betas)
+        return AnnyOutput(
+            out["vertices"] @ self.frame.T, out["bone_poses"][..., :3, 3] @ self.frame.T
+        )
 
     def vertices(self, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         """rotmat (N, J, 3, 3), betas (N, 6) -> vertices (N, V, 3). Differentiable."""
@@ -237,8 +303,9 @@ def phenotype_to_betas(**phenotype: float) -> torch.Tensor:
     if unknown:
         raise JregfixError(f"unknown Anny phenotype {sorted(unknown)}; known: {list(PHENOTYPES)}")
     values = [phenotype.get(k, d) for k, d in zip(PHENOTYPES, DEFAULT_PHENOTYPE, strict=True)]
-    return torch.tensor(values, dtype=torch.float64) - torch.tensor(DEFAULT_PHENOTYPE,
-                                                                     dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64) - torch.tensor(
+        DEFAULT_PHENOTYPE, dtype=torch.float64
+    )
 
 
 def _subset_parents(parents: list[int], index: list[int]) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from jregfix.body.rotations import pose_to_rotmat
@@ -18,12 +19,19 @@ class BodyModel(Protocol):
     vertices at zero shape.
     """
 
-    name: str
-    num_vertices: int
-    num_joints: int
-    num_betas: int
-    faces: torch.Tensor
-    template: torch.Tensor
+    # Read-only: SMPL derives ``template`` from smplx's buffers; plain attributes satisfy these too.
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_vertices(self) -> int: ...
+    @property
+    def num_joints(self) -> int: ...
+    @property
+    def num_betas(self) -> int: ...
+    @property
+    def faces(self) -> torch.Tensor: ...
+    @property
+    def template(self) -> torch.Tensor: ...
 
     def vertices(self, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         """rotmat (N, J, 3, 3), betas (N, S) -> vertices (N, V, 3). Differentiable."""
@@ -53,8 +61,9 @@ def batch_vertices(
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             rot = pose_to_rotmat(pose[start:stop].to(device, dtype), model.num_joints)
-            out[start:stop] = model.vertices(rot, fit_betas(betas[start:stop].to(device, dtype),
-                                                            model.num_betas)).to(out_device)
+            out[start:stop] = model.vertices(
+                rot, fit_betas(betas[start:stop].to(device, dtype), model.num_betas)
+            ).to(out_device)
     return out
 
 
@@ -68,8 +77,7 @@ def fit_betas(betas: torch.Tensor, num_betas: int) -> torch.Tensor:
     raise ValueError(f"betas have {s} coefficients but the body model has {num_betas}")
 
 
-def joint_regression(model: BodyModel, regressor: torch.Tensor,
-                     blocks: list[int] | None = None):
+def joint_regression(model: BodyModel, regressor: torch.Tensor, blocks: list[int] | None = None):
     """A callable rotmat (N, J, 3, 3), betas (N, S) -> joints (N, K, 3) float64 = regressor
     (K, V) applied to the model's vertices.
 
@@ -82,5 +90,18 @@ def joint_regression(model: BodyModel, regressor: torch.Tensor,
         joints_of = fast(regressor, blocks)
         return lambda rotmat, betas: joints_of(rotmat, betas).to(torch.float64)
     reg = regressor.to(torch.float64)
-    return lambda rotmat, betas: torch.einsum("kv,nvc->nkc", reg.to(rotmat.device),
-                                              model.vertices(rotmat, betas).to(torch.float64))
+    return lambda rotmat, betas: torch.einsum(
+        "kv,nvc->nkc", reg.to(rotmat.device), model.vertices(rotmat, betas).to(torch.float64)
+    )
+
+
+def rest_h36m_joints(model) -> np.ndarray:
+    """The 17 Human3.6M joints (17, 3) float64, metres, model frame, of the rest pose (every
+    rotation the identity) at zero shape, for a model with anatomical joints: one called as
+    ``model(rotmat, betas)`` whose ``h36m_joints(output)`` gives them (Anny). They centre the
+    candidate vertices of each joint regressor row, the pilot fit's job for SMPL."""
+    like = {"dtype": model.template.dtype, "device": model.template.device}
+    eye = torch.eye(3, **like).repeat(1, model.num_joints, 1, 1)
+    with torch.no_grad():
+        out = model(eye, torch.zeros(1, model.num_betas, **like))
+        return model.h36m_joints(out)[0].double().cpu().numpy()

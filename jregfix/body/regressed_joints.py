@@ -36,8 +36,23 @@ class RegressedJoints(torch.nn.Module):
     Computed in the body's dtype; ``paths`` and ``macs_per_frame`` say what was chosen.
     """
 
-    def __init__(self, body: SMPLBody, regressor: torch.Tensor,
-                 blocks: Sequence[int] | None = None, mode: str = "auto"):
+    # buffers registered in __init__
+    blend_const: torch.Tensor
+    blend_linear: torch.Tensor
+    rest_const: torch.Tensor
+    rest_linear: torch.Tensor
+    pair_slots: torch.Tensor
+    pair_weights: torch.Tensor
+    sparse_weights_t: torch.Tensor
+    sparse_regressor_t: torch.Tensor
+
+    def __init__(
+        self,
+        body: SMPLBody,
+        regressor: torch.Tensor,
+        blocks: Sequence[int] | None = None,
+        mode: str = "auto",
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -57,14 +72,19 @@ class RegressedJoints(torch.nn.Module):
 
         def blend_rows(v: torch.Tensor) -> torch.Tensor:
             """[template; shape dirs; pose dirs] of vertices v -> (len(v), D, 3)."""
-            return torch.cat([s.v_template[v][:, None], s.shapedirs[v].transpose(1, 2),
-                              posedirs[v]], 1).to(f64)
+            return torch.cat(
+                [s.v_template[v][:, None], s.shapedirs[v].transpose(1, 2), posedirs[v]], 1
+            ).to(f64)
 
         d = 1 + body.num_betas + posedirs.shape[1]
         # Rest joints of the kinematic chain are linear in β too (SMPL's own 24-row regressor).
         kinematic = s.J_regressor.to(f64)
-        rest = torch.cat([(kinematic @ s.v_template.to(f64))[None],
-                          torch.einsum("jv,vcs->sjc", kinematic, s.shapedirs.to(f64))])
+        rest = torch.cat(
+            [
+                (kinematic @ s.v_template.to(f64))[None],
+                torch.einsum("jv,vcs->sjc", kinematic, s.shapedirs.to(f64)),
+            ]
+        )
 
         starts = [sum(blocks[:i]) for i in range(len(blocks))]
         rows_of = [slice(a, a + n) for a, n in zip(starts, blocks, strict=True)]
@@ -106,21 +126,30 @@ class RegressedJoints(torch.nn.Module):
         sparse = blend_rows(cols).permute(1, 2, 0)  # (D, 3, m)
         blend = torch.cat([folded.reshape(d, -1), sparse.reshape(d, -1)], 1)
         self.num_pairs, self.num_sparse, self.num_rows = len(pair_row), len(cols), k_total
-        self.macs_per_frame = (self.num_pairs * per_pair_macs + self.num_sparse * per_vertex_macs
-                               + 3 * k_total * self.num_sparse)
+        self.macs_per_frame = (
+            self.num_pairs * per_pair_macs
+            + self.num_sparse * per_vertex_macs
+            + 3 * k_total * self.num_sparse
+        )
         # Where x_kb lands in the (24 bones x 3, K) matrix that all rotations multiply at once.
-        pair_slots = ((pair_bone[:, None] * 3 + torch.arange(3, device=device)) * k_total
-                      + pair_row[:, None]).reshape(-1)
+        pair_slots = (
+            (pair_bone[:, None] * 3 + torch.arange(3, device=device)) * k_total + pair_row[:, None]
+        ).reshape(-1)
         pair_weights = torch.zeros(24, k_total, dtype=f64, device=device)
         pair_weights[pair_bone, pair_row] = pair_weight
-        for name, value in (("blend_const", blend[0]), ("blend_linear", blend[1:]),
-                            ("rest_const", rest[0].reshape(-1)),
-                            ("rest_linear", rest[1:].reshape(body.num_betas, -1)),
-                            ("pair_slots", pair_slots), ("pair_weights", pair_weights),
-                            ("sparse_weights_t", weights[cols].T.contiguous()),
-                            ("sparse_regressor_t", (reg[:, cols] * sparse_rows[:, None]).T)):
-            self.register_buffer(name, value if not value.is_floating_point()
-                                 else value.to(dtype), persistent=False)
+        for name, value in (
+            ("blend_const", blend[0]),
+            ("blend_linear", blend[1:]),
+            ("rest_const", rest[0].reshape(-1)),
+            ("rest_linear", rest[1:].reshape(body.num_betas, -1)),
+            ("pair_slots", pair_slots),
+            ("pair_weights", pair_weights),
+            ("sparse_weights_t", weights[cols].T.contiguous()),
+            ("sparse_regressor_t", (reg[:, cols] * sparse_rows[:, None]).T),
+        ):
+            self.register_buffer(
+                name, value if not value.is_floating_point() else value.to(dtype), persistent=False
+            )
 
     def forward(self, rotmat: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
         """rotmat (N,24,3,3), betas (N,num_betas) in the body's dtype -> joints (N,K,3)."""
@@ -129,19 +158,23 @@ class RegressedJoints(torch.nn.Module):
         pose_feature = (rotmat[:, 1:] - eye).reshape(n, -1)
         rest = torch.addmm(self.rest_const, betas, self.rest_linear).view(n, 24, 3)
         moved, _ = self.body.skinning_transforms(rotmat, rest)  # (N, 24, 3, 4)
-        points = torch.addmm(self.blend_const, torch.cat([betas, pose_feature], 1),
-                             self.blend_linear)
+        points = torch.addmm(
+            self.blend_const, torch.cat([betas, pose_feature], 1), self.blend_linear
+        )
         # Folded: Σ_b R_b x_kb as one (3, 72) @ (72, K) product per frame, plus Σ_b c_kb T_b.
-        x = points.new_zeros(n, 72 * k).index_copy_(1, self.pair_slots,
-                                                    points[:, : 3 * self.num_pairs])
+        x = points.new_zeros(n, 72 * k).index_copy_(
+            1, self.pair_slots, points[:, : 3 * self.num_pairs]
+        )
         rotations = moved[..., :3].permute(0, 2, 1, 3).reshape(n, 3, 72)
-        joints = rotations @ x.view(n, 72, k) + torch.einsum("nbi,bk->nik", moved[..., 3],
-                                                            self.pair_weights)
+        joints = rotations @ x.view(n, 72, k) + torch.einsum(
+            "nbi,bk->nik", moved[..., 3], self.pair_weights
+        )
         if m:  # sparse: skin the m vertices (3, m) per frame, then apply the regressor
-            rest_points = points[:, 3 * self.num_pairs:].view(n, 1, 3, m)
+            rest_points = points[:, 3 * self.num_pairs :].view(n, 1, 3, m)
             # One flat GEMM: a batched product over strided frames is several times slower.
-            per_vertex = (moved.reshape(n, 24, 12).transpose(1, 2).reshape(n * 12, 24)
-                          @ self.sparse_weights_t).view(n, 3, 4, m)
+            per_vertex = (
+                moved.reshape(n, 24, 12).transpose(1, 2).reshape(n * 12, 24) @ self.sparse_weights_t
+            ).view(n, 3, 4, m)
             verts = (per_vertex[:, :, :3] * rest_points).sum(2) + per_vertex[:, :, 3]
             joints = joints + verts @ self.sparse_regressor_t
         return joints.transpose(1, 2)  # (N, K, 3)

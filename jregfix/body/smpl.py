@@ -23,9 +23,12 @@ class SMPLBody(torch.nn.Module):
 
     name = "smpl"
     num_joints = 24
+    faces: torch.Tensor  # buffers registered in __init__
+    parent_index: torch.Tensor
 
-    def __init__(self, model: str | Path | dict, num_betas: int = 10,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, model: str | Path | dict, num_betas: int = 10, dtype: torch.dtype = torch.float32
+    ):
         super().__init__()
         import smplx
         from smplx.utils import Struct
@@ -35,8 +38,12 @@ class SMPLBody(torch.nn.Module):
         if num_betas > available:
             raise JregfixError(f"the SMPL file has {available} shape coefficients, not {num_betas}")
         with contextlib.redirect_stdout(io.StringIO()):  # smplx prints a note about 10 betas
-            self.smpl = smplx.SMPL(model_path=str(model) if not isinstance(model, dict) else "",
-                                   data_struct=Struct(**data), num_betas=num_betas, dtype=dtype)
+            self.smpl = smplx.SMPL(
+                model_path=str(model) if not isinstance(model, dict) else "",
+                data_struct=Struct(**data),
+                num_betas=num_betas,
+                dtype=dtype,
+            )
         self.num_betas = num_betas
         self.num_vertices = int(self.smpl.v_template.shape[0])
         self.register_buffer("faces", self.smpl.faces_tensor.long(), persistent=False)
@@ -89,8 +96,9 @@ class SMPLBody(torch.nn.Module):
         n = rotmat.shape[0]
         # Homogeneous local transforms [R | offset from the parent joint], chained root to
         # leaves: one small matmul per joint.
-        offset = torch.cat([rest_joints[:, :1],
-                            rest_joints[:, 1:] - rest_joints[:, self.parent_index]], 1)
+        offset = torch.cat(
+            [rest_joints[:, :1], rest_joints[:, 1:] - rest_joints[:, self.parent_index]], 1
+        )
         bottom = torch.zeros(n, 24, 1, 4, dtype=rotmat.dtype, device=rotmat.device)
         bottom[..., 3] = 1.0
         local = torch.cat([torch.cat([rotmat, offset[..., None]], -1), bottom], -2)
@@ -100,8 +108,13 @@ class SMPLBody(torch.nn.Module):
         world = torch.stack(chain, 1)[..., :3, :]  # (N,24,3,4)
         posed_joints = world[..., 3]
         # The world transforms place the rest joints; relative to them: x -> R (x - j) + t.
-        moved = torch.cat([world[..., :3], (posed_joints - (world[..., :3] @ rest_joints[..., None]
-                                                             )[..., 0])[..., None]], -1)
+        moved = torch.cat(
+            [
+                world[..., :3],
+                (posed_joints - (world[..., :3] @ rest_joints[..., None])[..., 0])[..., None],
+            ],
+            -1,
+        )
         return moved, posed_joints
 
     def regressed_joints(self, regressor: torch.Tensor, blocks: list[int] | None = None):

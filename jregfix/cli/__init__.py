@@ -4,7 +4,7 @@ from jregfix.cli.app import app, main
 
 __all__ = ["app", "main"]
 
-from jregfix.cli import (  # noqa: E402,F401  (registers commands)
+from jregfix.cli import (  # noqa: F401  (registers commands)
     check,
     demo,
     evaluate,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import cast
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jregfix.device import ensure_cublas_workspace
 from jregfix.distributed import Ranks, init_from_env, shutdown
@@ -40,10 +40,14 @@ def _root(
     _state["debug"] = debug
     ensure_cublas_workspace()  # before any command can start CUDA (see jregfix.device)
     configure_threads()  # each process its share of the CPUs (see jregfix.threads)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and \
-            ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
-        raise JregfixError(f"`{ctx.invoked_subcommand}` runs in one process; under torchrun "
-                           f"launch one of {', '.join(DISTRIBUTED_COMMANDS)} instead")
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS
+    ):
+        raise JregfixError(
+            f"`{ctx.invoked_subcommand}` runs in one process; under torchrun "
+            f"launch one of {', '.join(DISTRIBUTED_COMMANDS)} instead"
+        )
 
 
 def join_job(device: str = "cpu") -> Ranks:
@@ -57,7 +61,7 @@ def join_job(device: str = "cpu") -> Ranks:
 
 # click's UsageError (bad or missing options), reached through typer's public BadParameter:
 # recent typer releases vendor click, older ones depend on it.
-_UsageError = typer.BadParameter.__mro__[1]
+_UsageError = cast("type[Exception]", typer.BadParameter.__mro__[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     print their message; I/O errors, absurd sizes and bad data are worded by
     :func:`jregfix.errors.one_line`; anything else says how to get the traceback.
     """
+    from jregfix.cli.options import renamed
+
+    argv = renamed(sys.argv[1:] if argv is None else list(argv))
     try:
         with _leaving_the_job():
             code = app(args=argv, prog_name="jregfix", standalone_mode=False)
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         console.print(INTERRUPTED, highlight=False)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the boundary: one line per failure, never a trace
+    except Exception as exc:
         if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
             raise
         console.quiet = False  # every rank reports its own failure
@@ -107,15 +114,19 @@ def _usage_error(exc) -> int:
         return 0
     command = ctx.command_path if ctx is not None else "jregfix"
     console.print("[bold red]error:[/] ", end="", highlight=False)
-    console.print(f"{exc.format_message()} (see `{command} --help`)", markup=False,
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"{exc.format_message()} (see `{command} --help`)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return exc.exit_code
 
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
 
 
-def _interrupted(exc: BaseException) -> bool:
+def _interrupted(exc: BaseException | None) -> bool:
     """Whether a KeyboardInterrupt is somewhere in ``exc``'s cause/context chain."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -132,16 +143,6 @@ def _leaving_the_job() -> Iterator[None]:
         yield
     finally:
         shutdown()
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)`` for library callbacks."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
 
 
 def parse_named_paths(values: list[str], option: str) -> dict[str, str]:

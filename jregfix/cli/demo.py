@@ -8,33 +8,35 @@ from pathlib import Path
 import typer
 
 from jregfix.cli.app import app, console
-from jregfix.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
+from jregfix.cli.options import device_option, seed_option
+from jregfix.device import DEVICE_HELP, resolve_device
 from jregfix.errors import JregfixError
 
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("jregfix-demo"), "--out", help="Directory for the world "
-                             "(world/) and the run (run/)."),
-    frames: int = typer.Option(None, "--frames", help="Poses per subject (each seen by 4 "
-                               "cameras); default 8, or 4 with --quick."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the world and the run: same seed, same "
-                             "table."),
-    quick: bool = typer.Option(False, "--quick", help="Small world (2 train, 1 test subject) for "
-                               "CI: under 2 minutes."),
-    device: str = typer.Option(DEFAULT_DEVICE, "--device", help="Device of every stage of the "
-                               "run (the world is generated on the CPU): " + DEVICE_HELP),
+    out: Path = typer.Option(
+        Path("jregfix-demo"), "--out", help="Directory for the world (world/) and the run (run/)."
+    ),
+    frames: int = typer.Option(
+        None,
+        "--frames",
+        help="Poses per subject (each seen by 4 cameras); default 8, or 4 with --quick.",
+    ),
+    seed: int = seed_option("the world and the run"),
+    quick: bool = typer.Option(
+        False, "--quick", help="Small world (2 train, 1 test subject) for CI: under 2 minutes."
+    ),
+    device: str = device_option(
+        help="Device of every stage of the run (the world is generated on the CPU): " + DEVICE_HELP
+    ),
 ) -> None:
     """Synthetic Human3.6M-like world (Anny body model) -> the paper's Table I, with figures."""
     from jregfix.body.anny import AnnyBody
     from jregfix.cli.run import print_result, run_with_progress
     from jregfix.io.atomic import write_json
-    from jregfix.stages.world import (
-        demo_run_config,
-        demo_world_config,
-        generate_world,
-        world_is_current,
-    )
+    from jregfix.synthetic.demo import demo_run_config, demo_world_config
+    from jregfix.synthetic.world import generate_world, world_is_current
 
     if frames is not None and frames < 1:  # 0 must not quietly mean "the default"
         raise JregfixError(f"--frames must be a positive number of poses, got {frames}")
@@ -53,7 +55,9 @@ def demo_command(
     write_json(out / "run_config.json", config)
     result = run_with_progress(config, body=body)
     print_result(result)
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; figures in "
-                  f"{run_dir / 'figures'}. These numbers come from a synthetic world with "
-                  "known truth: they show whether the method removes a planted regressor bias, "
-                  "not how it does on Human3.6M.")
+    console.print(
+        f"demo finished in {time.perf_counter() - t0:.0f} s; figures in "
+        f"{run_dir / 'figures'}. These numbers come from a synthetic world with "
+        "known truth: they show whether the method removes a planted regressor bias, "
+        "not how it does on Human3.6M."
+    )

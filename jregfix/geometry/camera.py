@@ -7,7 +7,8 @@ about x), so they only need the translation ``cam_t``.
 
 SPIN (constants.py, utils/geometry.py): focal 5000 px on the 224 crop, principal point at the
 crop centre (112, 112), and the network camera (s, tx, ty) becomes
-``cam_t = [tx, ty, 2 f / (224 s + 1e-9)]``.
+``cam_t = [tx, ty, 2 f / (224 s + 1e-9)]``. A crop rendered at another size keeps SPIN's field
+of view by scaling the focal with it (:func:`spin_focal`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 import torch
 
 FOCAL_LENGTH = 5000.0
-IMG_RES = 224
+IMG_RES = 224  # side of SPIN's square crop, px: the network input and the camera's image
+
+
+def spin_focal(size: float) -> float:
+    """SPIN's focal length (5000 px at the 224 px crop) scaled to a crop of side ``size`` px, so
+    that the crop shows the same field of view at any resolution."""
+    return FOCAL_LENGTH * size / IMG_RES
 
 
 def weak_to_cam_t(
@@ -30,6 +37,17 @@ def weak_to_cam_t(
     """
     s, tx, ty = camera.unbind(-1)
     return torch.stack([tx, ty, 2.0 * focal / (res * s + 1e-9)], dim=-1)
+
+
+def cam_t_to_weak(
+    cam_t: torch.Tensor, focal: float = FOCAL_LENGTH, res: int = IMG_RES
+) -> torch.Tensor:
+    """Translation (N, 3) = (tx, ty, tz) -> SPIN weak-perspective camera (N, 3) = (s, tx, ty).
+
+    The inverse of :func:`weak_to_cam_t` up to its 1e-9: s = 2 f / (res tz). tz must be > 0.
+    """
+    s = 2 * focal / (res * cam_t[:, 2])
+    return torch.stack([s, cam_t[:, 0], cam_t[:, 1]], 1)
 
 
 @dataclass(frozen=True)
@@ -56,8 +74,9 @@ class PinholeCamera:
         device: torch.device | str | None = None,
     ) -> PinholeCamera:
         """General intrinsics; scalars or (B,) tensors, broadcast to ``batch_size`` if given."""
-        vals = [torch.as_tensor(v, dtype=dtype, device=device).reshape(-1)
-                for v in (fx, fy, cx, cy)]
+        vals = [
+            torch.as_tensor(v, dtype=dtype, device=device).reshape(-1) for v in (fx, fy, cx, cy)
+        ]
         n = batch_size if batch_size is not None else max(v.numel() for v in vals)
         return cls(*(v.expand(n).contiguous() for v in vals))
 
@@ -82,8 +101,9 @@ class PinholeCamera:
         return PinholeCamera(self.fx[idx], self.fy[idx], self.cx[idx], self.cy[idx])
 
     def to(self, device=None, dtype=None) -> PinholeCamera:
-        return PinholeCamera(*(t.to(device=device, dtype=dtype) for t in
-                               (self.fx, self.fy, self.cx, self.cy)))
+        return PinholeCamera(
+            *(t.to(device=device, dtype=dtype) for t in (self.fx, self.fy, self.cx, self.cy))
+        )
 
     def matrix(self) -> torch.Tensor:
         """Intrinsic matrices K (B, 3, 3)."""

@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-IMG_RES = 224
+from jregfix.geometry.camera import IMG_RES
 
 
-def spin_matrix(center: np.ndarray, scale: np.ndarray, res: int = IMG_RES) -> np.ndarray:
+def spin_matrix(center: np.ndarray, scale: np.ndarray | float, res: int = IMG_RES) -> np.ndarray:
     """SPIN's ``get_transform`` (rot = 0): (N,2) centers, (N,) scales -> (N,3,3) image->crop."""
     center = np.asarray(center, dtype=np.float64).reshape(-1, 2)
     h = 200.0 * np.asarray(scale, dtype=np.float64).reshape(-1)
@@ -50,8 +50,13 @@ def spin_matrix(center: np.ndarray, scale: np.ndarray, res: int = IMG_RES) -> np
     return t
 
 
-def spin_transform(points: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                   res: int = IMG_RES, invert: bool = False) -> np.ndarray:
+def spin_transform(
+    points: np.ndarray,
+    center: np.ndarray,
+    scale: np.ndarray | float,
+    res: int = IMG_RES,
+    invert: bool = False,
+) -> np.ndarray:
     """SPIN's ``transform``: 1-based pixel points (N,K,2) -> (N,K,2) int64 in the other frame.
 
     Forward maps image -> crop; ``invert`` maps crop -> image. Subtract 1, apply T (or T^-1),
@@ -67,8 +72,9 @@ def spin_transform(points: np.ndarray, center: np.ndarray, scale: np.ndarray,
     return out.astype(np.int64) + 1
 
 
-def crop_box(center: np.ndarray, scale: np.ndarray, res: int = IMG_RES
-             ) -> tuple[np.ndarray, np.ndarray]:
+def crop_box(
+    center: np.ndarray, scale: np.ndarray | float, res: int = IMG_RES
+) -> tuple[np.ndarray, np.ndarray]:
     """SPIN's integer crop box: (N,2) ``ul`` and ``br`` (x, y), the box being [ul, br)."""
     n = np.asarray(scale).size
     corners = np.broadcast_to(np.array([[1.0, 1.0], [res + 1.0, res + 1.0]]), (n, 2, 2))
@@ -92,12 +98,15 @@ def _box_pixels(img: np.ndarray, ul: np.ndarray, br: np.ndarray, dtype) -> np.nd
     x0, y0 = max(0, -int(ul[0])), max(0, -int(ul[1]))
     x1, y1 = min(int(br[0]), img.shape[1]) - int(ul[0]), min(int(br[1]), img.shape[0]) - int(ul[1])
     if x1 > x0 and y1 > y0:
-        out[y0:y1, x0:x1] = img[int(ul[1]) + y0:int(ul[1]) + y1, int(ul[0]) + x0:int(ul[0]) + x1]
+        out[y0:y1, x0:x1] = img[
+            int(ul[1]) + y0 : int(ul[1]) + y1, int(ul[0]) + x0 : int(ul[0]) + x1
+        ]
     return out
 
 
-def crop_image(img: np.ndarray, center: np.ndarray, scale: float, res: int = IMG_RES,
-               stretch: bool = True) -> np.ndarray:
+def crop_image(
+    img: np.ndarray, center: np.ndarray, scale: float, res: int = IMG_RES, stretch: bool = True
+) -> np.ndarray:
     """SPIN crop of one uint8 image (H,W,3) -> (res,res,3) uint8.
 
     ``stretch`` applies SPIN's contrast stretch (bytescale of the zero-padded box).
@@ -109,8 +118,9 @@ def crop_image(img: np.ndarray, center: np.ndarray, scale: float, res: int = IMG
     return np.asarray(Image.fromarray(box).resize((res, res), Image.Resampling.BILINEAR))
 
 
-def crop_map(values: np.ndarray, center: np.ndarray, scale: float,
-             res: int = IMG_RES) -> np.ndarray:
+def crop_map(
+    values: np.ndarray, center: np.ndarray, scale: float, res: int = IMG_RES
+) -> np.ndarray:
     """Resample a float map (H,W) (e.g. mask probabilities) into the crop: (res,res) float32.
 
     Same box and bilinear filter as :func:`crop_image`, no contrast stretch; zeros outside.
@@ -120,23 +130,25 @@ def crop_map(values: np.ndarray, center: np.ndarray, scale: float,
     return np.asarray(Image.fromarray(box).resize((res, res), Image.Resampling.BILINEAR))
 
 
-def image_to_crop(points: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                  res: int = IMG_RES) -> np.ndarray:
+def image_to_crop(
+    points: np.ndarray, center: np.ndarray, scale: np.ndarray, res: int = IMG_RES
+) -> np.ndarray:
     """Edge coordinates in the image (N,K,2) -> edge coordinates in the crop (N,K,2)."""
     ul, br = crop_box(center, scale, res)
     pts = np.asarray(points, dtype=np.float64).reshape(len(ul), -1, 2)
     return (pts - ul[:, None]) * (res / (br - ul))[:, None]
 
 
-def crop_to_image(points: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                  res: int = IMG_RES) -> np.ndarray:
+def crop_to_image(
+    points: np.ndarray, center: np.ndarray, scale: np.ndarray, res: int = IMG_RES
+) -> np.ndarray:
     """Edge coordinates in the crop (N,K,2) -> edge coordinates in the image (N,K,2)."""
     ul, br = crop_box(center, scale, res)
     pts = np.asarray(points, dtype=np.float64).reshape(len(ul), -1, 2)
     return pts * ((br - ul) / res)[:, None] + ul[:, None]
 
 
-def square_box(center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def square_box(center: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
     """The continuous square of side 200*scale around ``center``: (N,4) x0, y0, x1, y1."""
     c = np.asarray(center, dtype=np.float64).reshape(-1, 2)
     half = 100.0 * np.asarray(scale, dtype=np.float64).reshape(-1, 1)

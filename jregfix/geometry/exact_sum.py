@@ -74,8 +74,10 @@ class ExactSum:
         self.shape = tuple(shape)
         self.limbs = np.zeros((LIMBS, *self.shape)) if limbs is None else limbs
         if self.limbs.shape != (LIMBS, *self.shape) or self.limbs.dtype != np.float64:
-            raise JregfixError(f"exact-sum limbs have shape {self.limbs.shape} "
-                               f"({self.limbs.dtype}), expected {(LIMBS, *self.shape)} float64")
+            raise JregfixError(
+                f"exact-sum limbs have shape {self.limbs.shape} "
+                f"({self.limbs.dtype}), expected {(LIMBS, *self.shape)} float64"
+            )
 
     def add(self, x: np.ndarray) -> None:
         if x.shape != self.shape:

@@ -41,12 +41,18 @@ class PairedIntervals:
     level: float
 
 
-def sequence_sums(values: np.ndarray, sequence: np.ndarray,
-                  num_sequences: int) -> tuple[np.ndarray, np.ndarray]:
+def sequence_sums(
+    values: np.ndarray, sequence: np.ndarray, num_sequences: int
+) -> tuple[np.ndarray, np.ndarray]:
     """values (N, R), sequence (N,) int in [0, S) -> sums (S, R) and frame counts (S,)."""
     counts = np.bincount(sequence, minlength=num_sequences).astype(np.float64)
-    sums = np.stack([np.bincount(sequence, weights=values[:, r], minlength=num_sequences)
-                     for r in range(values.shape[1])], axis=1)
+    sums = np.stack(
+        [
+            np.bincount(sequence, weights=values[:, r], minlength=num_sequences)
+            for r in range(values.shape[1])
+        ],
+        axis=1,
+    )
     return sums, counts
 
 
@@ -63,12 +69,18 @@ def draw_counts(indices: np.ndarray, num_sequences: int) -> np.ndarray:
     """(B, S) drawn indices -> (B, S) float64 multiplicities of each sequence per resample."""
     b = indices.shape[0]
     flat = (np.arange(b)[:, None] * num_sequences + indices).ravel()
-    return np.bincount(flat, minlength=b * num_sequences).reshape(b, num_sequences).astype(
-        np.float64)
+    return (
+        np.bincount(flat, minlength=b * num_sequences).reshape(b, num_sequences).astype(np.float64)
+    )
 
 
-def paired_bootstrap(values: np.ndarray, sequence: np.ndarray, resamples: int = 2000,
-                     seed: int = 0, level: float = 0.95) -> PairedIntervals:
+def paired_bootstrap(
+    values: np.ndarray,
+    sequence: np.ndarray,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedIntervals:
     """Percentile intervals of every pairwise difference of column means.
 
     values: (N, R) per-frame errors, one column per regressor. sequence: (N,) int codes of the
@@ -99,5 +111,4 @@ def paired_bootstrap(values: np.ndarray, sequence: np.ndarray, resamples: int = 
         boot = (c @ sums) / (c @ counts)[:, None]  # (B, R) resampled frame means
         diffs = boot[:, None, :] - boot[:, :, None]  # (B, R, R): [b, a, c] = col c - col a
         lower, upper = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2], axis=0)
-    return PairedIntervals(means, difference, lower, upper, s, len(values), resamples, seed,
-                           level)
+    return PairedIntervals(means, difference, lower, upper, s, len(values), resamples, seed, level)

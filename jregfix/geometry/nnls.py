@@ -72,8 +72,9 @@ class BlockGramHessian:
     O(U * nnz(w) + K^2 U).
     """
 
-    def __init__(self, gram: np.ndarray, coupling: np.ndarray, rows: list[np.ndarray],
-                 penalty: float = 0.0):
+    def __init__(
+        self, gram: np.ndarray, coupling: np.ndarray, rows: list[np.ndarray], penalty: float = 0.0
+    ):
         self.gram = gram
         self.coupling = np.asarray(coupling, dtype=np.float64)
         self.num_rows = len(rows)
@@ -126,9 +127,16 @@ class NNLSResult:
     converged: bool
 
 
-def solve_nnls(hess, c: np.ndarray, groups: np.ndarray | None = None, exact: bool = False,
-               tol: float = DEFAULT_TOL, ridge: float = DEFAULT_RIDGE,
-               max_iter: int | None = None, w0: np.ndarray | None = None) -> NNLSResult:
+def solve_nnls(
+    hess,
+    c: np.ndarray,
+    groups: np.ndarray | None = None,
+    exact: bool = False,
+    tol: float = DEFAULT_TOL,
+    ridge: float = DEFAULT_RIDGE,
+    max_iter: int | None = None,
+    w0: np.ndarray | None = None,
+) -> NNLSResult:
     """Minimise 1/2 w^T H w - c^T w over w >= 0 (and, if ``exact``, sum_{groups == r} w = 1).
 
     hess: a :class:`DenseHessian`-like operator of size P; c (P,); groups (P,) int row index of
@@ -248,14 +256,16 @@ def kkt_violation_from(d: np.ndarray, w: np.ndarray) -> float:
     return max(parts)
 
 
-def kkt_check(hess, c: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None,
-              exact: bool = False) -> dict:
+def kkt_check(
+    hess, c: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None, exact: bool = False
+) -> dict:
     """KKT diagnostics of any candidate ``w`` (independent of how it was found)."""
     return kkt_from_gradient(hess.matvec(w) - c, w, groups, exact)
 
 
-def kkt_from_gradient(g: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None,
-                      exact: bool = False) -> dict:
+def kkt_from_gradient(
+    g: np.ndarray, w: np.ndarray, groups: np.ndarray | None = None, exact: bool = False
+) -> dict:
     """KKT diagnostics from the gradient g = H w - c (P,) of a candidate ``w`` (P,), however
     g was computed (e.g. streamed from residuals over data the Hessian never held)."""
     on = w > 0
@@ -269,8 +279,13 @@ def kkt_from_gradient(g: np.ndarray, w: np.ndarray, groups: np.ndarray | None = 
     }
 
 
-def reduced_gradient(g: np.ndarray, support: np.ndarray, groups: np.ndarray | None = None,
-                     exact: bool = False, num_groups: int | None = None) -> np.ndarray:
+def reduced_gradient(
+    g: np.ndarray,
+    support: np.ndarray,
+    groups: np.ndarray | None = None,
+    exact: bool = False,
+    num_groups: int | None = None,
+) -> np.ndarray:
     """d = g - nu[groups] (P,): nu_r, the multiplier of row r's sum-to-one constraint, is the
     mean of g over the row's ``support`` (bool (P,)); d = g without constraints."""
     if not exact:

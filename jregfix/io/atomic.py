@@ -110,8 +110,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_bytes(path, json_bytes(obj))
 
 
-def write_pair(path: str | os.PathLike, data: bytes, sidecar: str | os.PathLike,
-               doc: Mapping) -> dict:
+def write_pair(
+    path: str | os.PathLike, data: bytes, sidecar: str | os.PathLike, doc: Mapping
+) -> dict:
     """Write ``data`` to ``path`` and ``doc`` (plus ``output_sha256``) to ``sidecar`` as one unit.
 
     The sidecar is renamed first: until the output follows, the sidecar's hash names bytes that

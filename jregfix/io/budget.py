@@ -76,12 +76,16 @@ def _check_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: i
     with zf.open(info) as member:
         try:
             version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(member)
         except ValueError as exc:
-            raise JregfixError(f"{path}: member '{key}' has a broken array header ({exc})") \
-                from None
+            raise JregfixError(
+                f"{path}: member '{key}' has a broken array header ({exc})"
+            ) from None
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     stored_bytes = info.compress_size * (DEFLATE_MAX_RATIO if info.compress_type else 1)
     limit = min(cap, info.file_size, stored_bytes)
@@ -89,7 +93,8 @@ def _check_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: i
         raise JregfixError(
             f"{path}: member '{key}' declares shape {tuple(shape)} {dtype} ({declared:,} bytes) "
             f"but the file can hold at most {limit:,}; the file is corrupt or hostile "
-            f"(a genuine array over the {cap:,}-byte cap needs {CAP_ENV} raised)")
+            f"(a genuine array over the {cap:,}-byte cap needs {CAP_ENV} raised)"
+        )
 
 
 def check_numbers(a: np.ndarray, what: str) -> None:
@@ -98,5 +103,6 @@ def check_numbers(a: np.ndarray, what: str) -> None:
         raise JregfixError(f"{what} has dtype {a.dtype}; expected real numbers")
     if not np.isfinite(a).all():
         rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1)) if a.ndim else [0]
-        raise JregfixError(f"{what} contains NaN or inf ({len(rows)} row(s), first at row "
-                           f"{rows[0]})")
+        raise JregfixError(
+            f"{what} contains NaN or inf ({len(rows)} row(s), first at row {rows[0]})"
+        )

@@ -59,8 +59,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def extract_state_dict(obj: object, path: str | Path = "<checkpoint>",
-                       key: str = "model") -> dict[str, torch.Tensor]:
+def extract_state_dict(
+    obj: object, path: str | Path = "<checkpoint>", key: str = "model"
+) -> dict[str, torch.Tensor]:
     """The model state_dict inside a checkpoint.
 
     Accepts SPIN's training checkpoint and VIBE/MEVA's ``spin_model_checkpoint.pth.tar`` (both
@@ -69,22 +70,23 @@ def extract_state_dict(obj: object, path: str | Path = "<checkpoint>",
     """
     if not isinstance(obj, Mapping):
         raise JregfixError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    state: Mapping = obj
     if key in obj and isinstance(obj[key], Mapping):
-        obj = obj[key]
+        state = obj[key]
     elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise JregfixError(
             f"{path}: no '{key}' state_dict in the checkpoint; top-level keys: {sorted(obj)[:10]}"
         )
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise JregfixError(f"{path}: state_dict entries are not tensors: {bad[:5]}")
-    for name, value in obj.items():
+    for name, value in state.items():
         if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
             raise JregfixError(
                 f"{path}: state_dict entry '{name}' holds NaN/inf values; the checkpoint is "
                 "corrupt or diverged: use the official file"
             )
-    return dict(obj)
+    return dict(state)
 
 
 def load_state_dict_file(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:

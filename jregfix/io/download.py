@@ -69,8 +69,10 @@ def download(
         url = Path(url).resolve().as_uri()
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=min(timeout, deadline)) as response, \
-                atomic_path(dest) as tmp:
+        with (
+            urllib.request.urlopen(url, timeout=min(timeout, deadline)) as response,
+            atomic_path(dest) as tmp,
+        ):
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             # read1 returns what one read brings, so a trickle reaches the deadline check
@@ -81,7 +83,8 @@ def download(
                     if time.monotonic() > give_up:
                         raise JregfixError(
                             f"could not download {url}: not finished after {deadline:g} s "
-                            f"({done} bytes); raise {DEADLINE_ENV} on a slow connection")
+                            f"({done} bytes); raise {DEADLINE_ENV} on a slow connection"
+                        )
                     f.write(block)
                     digest.update(block)
                     done += len(block)
@@ -92,8 +95,13 @@ def download(
                     f"sha256 mismatch for {url}: got {digest.hexdigest()}, expected {sha256}; "
                     "the file was not saved"
                 )
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError,
-            OSError) as exc:
+    except (
+        urllib.error.URLError,
+        http.client.HTTPException,
+        TimeoutError,
+        ConnectionError,
+        OSError,
+    ) as exc:
         if isinstance(exc, JregfixError):
             raise
         raise JregfixError(f"could not download {url}: {getattr(exc, 'reason', exc)}") from None

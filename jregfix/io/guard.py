@@ -30,8 +30,9 @@ def written_beside(out: str | os.PathLike) -> list[Path]:
     """Every path a stage writing ``out`` may create: the file, its manifest, its provenance
     sidecar and its chunk directory."""
     out = Path(out)
-    return [out] + [out.with_name(out.name + suffix)
-                    for suffix in (".manifest.json", ".json", ".chunks")]
+    return [out] + [
+        out.with_name(out.name + suffix) for suffix in (".manifest.json", ".json", ".chunks")
+    ]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -47,8 +48,9 @@ def _inside(path: Path, directory: Path) -> bool:
     return path.resolve().is_relative_to(directory.resolve())
 
 
-def refuse_overwriting_inputs(inputs: Mapping[str, PathsArg],
-                              outputs: Mapping[str, PathsArg]) -> None:
+def refuse_overwriting_inputs(
+    inputs: Mapping[str, PathsArg], outputs: Mapping[str, PathsArg]
+) -> None:
     """Raise if an output, or a sidecar written beside it, is one of the inputs.
 
     ``inputs`` and ``outputs`` map an option name (for the message) to a path, a list of paths
@@ -58,8 +60,10 @@ def refuse_overwriting_inputs(inputs: Mapping[str, PathsArg],
     for option, out in ((o, p) for o, v in outputs.items() for p in _paths(v)):
         for written in written_beside(out):
             for source_option, source in given:
-                if _same(written, source) or (written.name.endswith(".chunks")
-                                              and _inside(source, written)):
+                if _same(written, source) or (
+                    written.name.endswith(".chunks") and _inside(source, written)
+                ):
                     raise JregfixError(
                         f"{option} {out} would overwrite {source}, which is one of the inputs "
-                        f"({source_option}); choose another output path")
+                        f"({source_option}); choose another output path"
+                    )

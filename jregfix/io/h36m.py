@@ -28,8 +28,23 @@ P2_CAMERA = "60457274"
 # regressor row r is J24 joint H36M17_FROM_J24[r].
 H36M17_FROM_J24 = (14, 3, 4, 5, 2, 1, 0, 16, 12, 17, 18, 9, 10, 11, 8, 7, 6)
 H36M17_NAMES = (
-    "Pelvis", "L Hip", "L Knee", "L Ankle", "R Hip", "R Knee", "R Ankle", "Spine", "Thorax",
-    "Neck/Nose", "Head top", "L Shoulder", "L Elbow", "L Wrist", "R Shoulder", "R Elbow", "R Wrist",
+    "Pelvis",
+    "L Hip",
+    "L Knee",
+    "L Ankle",
+    "R Hip",
+    "R Knee",
+    "R Ankle",
+    "Spine",
+    "Thorax",
+    "Neck/Nose",
+    "Head top",
+    "L Shoulder",
+    "L Elbow",
+    "L Wrist",
+    "R Shoulder",
+    "R Elbow",
+    "R Wrist",
 )
 H36M_TO_J17 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10, 0, 7, 9)
 H36M_TO_J14 = H36M_TO_J17[:14]
@@ -105,12 +120,20 @@ class H36MData:
 
     def select(self, mask: np.ndarray) -> H36MData:
         idx = np.flatnonzero(mask)
+
         def pick(a):
             return None if a is None else a[idx]
 
-        return H36MData(self.imgname[idx], self.center[idx], self.scale[idx], pick(self.S),
-                        pick(self.part), pick(self.openpose), self.path,
-                        [self.keys[i] for i in idx])
+        return H36MData(
+            self.imgname[idx],
+            self.center[idx],
+            self.scale[idx],
+            pick(self.S),
+            pick(self.part),
+            pick(self.openpose),
+            self.path,
+            [self.keys[i] for i in idx],
+        )
 
 
 def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
@@ -124,12 +147,18 @@ def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
     n = len(arrays["imgname"])
     if n == 0:
         raise JregfixError(f"{path}: the file has no frames")
-    expected = {"center": (n, 2), "scale": (n,), "S": (n, 24, 4), "part": (n, 24, 3),
-                "openpose": (n, 25, 3)}
+    expected = {
+        "center": (n, 2),
+        "scale": (n,),
+        "S": (n, 24, 4),
+        "part": (n, 24, 3),
+        "openpose": (n, 25, 3),
+    }
     for key, shape in expected.items():
         if key in arrays and arrays[key].shape != shape:
             raise JregfixError(
-                f"{path}: key '{key}' has shape {arrays[key].shape}, expected {shape}")
+                f"{path}: key '{key}' has shape {arrays[key].shape}, expected {shape}"
+            )
     for key in ("center", "scale", "S", "part"):
         if key in arrays:
             check_numbers(arrays[key], f"{path}: key '{key}'")
@@ -138,9 +167,11 @@ def load_h36m(path: str | Path, require_3d: bool = True) -> H36MData:
     names, first, counts = np.unique(imgname, return_index=True, return_counts=True)
     if (counts > 1).any():
         twice = np.flatnonzero(counts > 1)
-        raise JregfixError(f"{path}: {len(twice)} frame(s) appear more than once, e.g. "
-                           f"{str(names[twice[0]])!r} (row {first[twice[0]]}); each frame must be "
-                           "listed once or it would count twice in every mean")
+        raise JregfixError(
+            f"{path}: {len(twice)} frame(s) appear more than once, e.g. "
+            f"{str(names[twice[0]])!r} (row {first[twice[0]]}); each frame must be "
+            "listed once or it would count twice in every mean"
+        )
     return H36MData(
         imgname=imgname,
         center=arrays["center"].astype(np.float64),
@@ -160,21 +191,30 @@ MAX_PIXELS = 1e5  # image coordinates and box sides, in pixels
 
 def _check_ranges(path: Path, arrays: dict[str, np.ndarray], require_3d: bool) -> None:
     """Units and sign: scale > 0, pixels and metres within sane bounds, not all-zero joints."""
+
     def refuse(key: str, bad: np.ndarray, why: str) -> None:
         rows = np.flatnonzero(bad.reshape(len(bad), -1).any(1))
         if len(rows):
-            raise JregfixError(f"{path}: key '{key}' {why} in {len(rows)} row(s), first at row "
-                               f"{rows[0]}; is it the right file and unit?")
+            raise JregfixError(
+                f"{path}: key '{key}' {why} in {len(rows)} row(s), first at row "
+                f"{rows[0]}; is it the right file and unit?"
+            )
 
     scale = arrays["scale"].astype(np.float64)
     refuse("scale", ~(scale > 0), "is not positive (the box side / 200)")
     refuse("scale", scale * 200 > MAX_PIXELS, f"gives a box over {MAX_PIXELS:g} px")
-    refuse("center", np.abs(arrays["center"].astype(np.float64)) > MAX_PIXELS,
-           f"is beyond {MAX_PIXELS:g} px")
+    refuse(
+        "center",
+        np.abs(arrays["center"].astype(np.float64)) > MAX_PIXELS,
+        f"is beyond {MAX_PIXELS:g} px",
+    )
     if "S" in arrays:
         xyz = arrays["S"][..., :3].astype(np.float64)
-        refuse("S", np.abs(xyz) > MAX_JOINT_M, f"has joints beyond {MAX_JOINT_M:g} m (metres "
-               "expected; millimetres?)")
+        refuse(
+            "S",
+            np.abs(xyz) > MAX_JOINT_M,
+            f"has joints beyond {MAX_JOINT_M:g} m (metres expected; millimetres?)",
+        )
         if require_3d and not xyz[:, list(H36M17_FROM_J24)].any():
             raise JregfixError(f"{path}: key 'S' is all zeros: no 3D ground truth in this file")
 
@@ -202,16 +242,26 @@ def joints17_to_s24(joints17: np.ndarray) -> np.ndarray:
     return s
 
 
-def save_h36m(path: str | Path, imgname, center: np.ndarray, scale: np.ndarray,
-              S: np.ndarray | None = None, **extra: np.ndarray) -> None:
+def save_h36m(
+    path: str | Path,
+    imgname,
+    center: np.ndarray,
+    scale: np.ndarray,
+    S: np.ndarray | None = None,
+    **extra: np.ndarray,
+) -> None:
     """Write a SPIN-format Human3.6M npz (atomic)."""
     from jregfix.io.atomic import save_npz
 
-    arrays = {"imgname": np.asarray(imgname).astype(str), "center": np.asarray(center, float),
-              "scale": np.asarray(scale, float), **extra}
+    arrays = {
+        "imgname": np.asarray(imgname).astype(str),
+        "center": np.asarray(center, float),
+        "scale": np.asarray(scale, float),
+        **extra,
+    }
     if S is not None:
         arrays["S"] = np.asarray(S, float)
-    save_npz(path, **arrays)
+    save_npz(path, compressed=True, **arrays)
 
 
 def h36m_imgname(subject: str, action: str, camera: str, frame: int) -> str:

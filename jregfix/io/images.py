@@ -28,8 +28,12 @@ def resolve_image(root: str | Path, imgname: str) -> Path:
     return alt if alt.is_file() else path
 
 
-def check_images(root: str | Path, imgnames: Sequence[str], skip_missing: bool = False,
-                 show: int = 5) -> np.ndarray:
+def check_images(
+    root: str | Path,
+    imgnames: Sequence[str] | np.ndarray,
+    skip_missing: bool = False,
+    show: int = 5,
+) -> np.ndarray:
     """(N,) bool: which images exist under ``root``.
 
     Without ``skip_missing``, any missing image raises :class:`JregfixError` naming the first
@@ -58,10 +62,12 @@ def read_image(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 width, height = im.size
                 if width * height > MAX_IMAGE_PIXELS:
-                    raise JregfixError(f"{path}: image of {width}x{height} pixels is over the "
-                                       f"{MAX_IMAGE_PIXELS:,}-pixel budget; not a dataset frame")
-                im = ImageOps.exif_transpose(im)
-                return np.asarray(im.convert("RGB"))
+                    raise JregfixError(
+                        f"{path}: image of {width}x{height} pixels is over the "
+                        f"{MAX_IMAGE_PIXELS:,}-pixel budget; not a dataset frame"
+                    )
+                upright = ImageOps.exif_transpose(im)
+                return np.asarray(upright.convert("RGB"))
     except FileNotFoundError:
         raise JregfixError(f"{path}: image not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -32,8 +32,9 @@ import collections
 import re
 import struct
 from dataclasses import dataclass
+from io import BufferedIOBase
 from pathlib import Path
-from typing import BinaryIO
+from typing import TypeGuard, cast
 
 import torch
 
@@ -44,10 +45,17 @@ PROTOCOL_VERSION = 1001
 
 # Storage class names, as torch pickles them (torch.cuda.* only in files older than torch 0.4).
 STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
     "ComplexDoubleStorage": torch.complex128,
 }
 _LOCATION = re.compile(r"cpu|cuda(:\d+)?")
@@ -95,8 +103,13 @@ class _Machine:
     cannot make us allocate more than the file can hold.
     """
 
-    def __init__(self, f: BinaryIO, file_size: int, storages: dict[str, _Storage] | None = None,
-                 budget: int = 0) -> None:
+    def __init__(
+        self,
+        f: BufferedIOBase,
+        file_size: int,
+        storages: dict[str, _Storage] | None = None,
+        budget: int = 0,
+    ) -> None:
         self.f = f
         self.file_size = file_size
         self.storages = storages
@@ -132,7 +145,7 @@ class _Machine:
     def pop_mark(self) -> list:
         for i in range(len(self.stack) - 1, -1, -1):
             if self.stack[i] is _MARK:
-                items = self.stack[i + 1:]
+                items = self.stack[i + 1 :]
                 del self.stack[i:]
                 return items
         raise _Malformed("unbalanced MARK")
@@ -166,9 +179,10 @@ class _Machine:
     def set_items(self, target: object, items: list) -> None:
         if type(target) not in (dict, collections.OrderedDict) or len(items) % 2:
             raise _Refused(f"SETITEM on {type(target).__name__}")
+        mapping = cast(dict, target)  # its exact type was checked just above
         try:
             for k, v in zip(items[::2], items[1::2], strict=True):
-                target[k] = v
+                mapping[k] = v
         except TypeError:
             raise _Malformed("unhashable dict key") from None
 
@@ -182,8 +196,12 @@ class _Machine:
     def persistent_load(self, pid: object) -> _Storage:
         if self.storages is None:
             raise _Refused("a storage reference outside the checkpoint object")
-        if not (isinstance(pid, tuple) and len(pid) == 6 and isinstance(pid[0], str)
-                and pid[0] == "storage"):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 6
+            and isinstance(pid[0], str)
+            and pid[0] == "storage"
+        ):
             raise _Refused(f"persistent id {str(pid)[:60]} is not a torch storage")
         _, dtype, key, location, numel, view = pid
         if not isinstance(dtype, torch.dtype) or not isinstance(key, str):
@@ -211,21 +229,29 @@ class _Machine:
 def _ordered_dict(args: tuple) -> collections.OrderedDict:
     if not args:
         return collections.OrderedDict()  # Python 3 style: items follow as SETITEMS
-    if len(args) == 1 and isinstance(args[0], list) and all(
-            isinstance(p, list | tuple) and len(p) == 2 for p in args[0]):
+    if (
+        len(args) == 1
+        and isinstance(args[0], list)
+        and all(isinstance(p, list | tuple) and len(p) == 2 for p in args[0])
+    ):
         return collections.OrderedDict(args[0])  # Python 2 style: a list of [key, value]
     raise _Refused("OrderedDict with unexpected arguments")
 
 
-def _is_index_tuple(x: object) -> bool:
+def _is_index_tuple(x: object) -> TypeGuard[tuple[int, ...]]:
     return isinstance(x, tuple) and all(type(v) is int and v >= 0 for v in x)
 
 
 def _tensor(storage: object, offset: object, size: object, stride: object) -> torch.Tensor:
     if not isinstance(storage, _Storage):
         raise _Refused("a tensor rebuilt from something other than a storage")
-    if not (type(offset) is int and offset >= 0 and _is_index_tuple(size)
-            and _is_index_tuple(stride) and len(size) == len(stride)):
+    if not (
+        type(offset) is int
+        and offset >= 0
+        and _is_index_tuple(size)
+        and _is_index_tuple(stride)
+        and len(size) == len(stride)
+    ):
         raise _Malformed(f"tensor on storage {storage.key} has a bad offset/size/stride")
     n = storage.flat.numel()
     last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
@@ -257,8 +283,12 @@ def _rebuild_tensor(args: tuple) -> torch.Tensor:
 
 
 def _rebuild_parameter(args: tuple) -> torch.nn.Parameter:
-    if not (len(args) == 3 and isinstance(args[0], torch.Tensor) and type(args[1]) is bool
-            and _no_hooks(args[2])):
+    if not (
+        len(args) == 3
+        and isinstance(args[0], torch.Tensor)
+        and type(args[1]) is bool
+        and _no_hooks(args[2])
+    ):
         raise _Refused("_rebuild_parameter with hooks or unexpected arguments")
     if args[1] and not args[0].is_floating_point():
         raise _Malformed(f"a {args[0].dtype} parameter cannot require gradients")
@@ -288,11 +318,14 @@ def _reduce(m: _Machine) -> None:
 def _build(m: _Machine) -> None:
     state, target = m.pop(), m.top()
     # The only state a checkpoint carries: a state_dict's ``_metadata`` (module versions).
-    if not (type(target) is collections.OrderedDict and isinstance(state, dict)
-            and set(state) <= {"_metadata"}):
+    if not (
+        type(target) is collections.OrderedDict
+        and isinstance(state, dict)
+        and set(state) <= {"_metadata"}
+    ):
         raise _Refused(f"setting the state of a {type(target).__name__}")
-    if state:
-        target._metadata = state["_metadata"]
+    if state:  # an instance attribute, which OrderedDict's type does not declare
+        vars(target)["_metadata"] = state["_metadata"]
 
 
 def _global(m: _Machine) -> None:
@@ -343,12 +376,14 @@ def _long_text(m: _Machine) -> None:
 def _long_n(width: int):
     def op(m: _Machine) -> None:
         m.stack.append(int.from_bytes(m.read(m.read_uint(width)), "little", signed=True))
+
     return op
 
 
 def _fixed_int(width: int, signed: bool):
     def op(m: _Machine) -> None:
         m.stack.append(int.from_bytes(m.read(width), "little", signed=signed))
+
     return op
 
 
@@ -369,6 +404,7 @@ def _string_text(m: _Machine) -> None:
 def _sized(width: int, convert):
     def op(m: _Machine) -> None:
         m.stack.append(convert(m.read(m.read_uint(width))))
+
     return op
 
 
@@ -383,6 +419,7 @@ def _unicode_text(m: _Machine) -> None:
 def _push(value_factory):
     def op(m: _Machine) -> None:
         m.stack.append(value_factory())
+
     return op
 
 
@@ -394,6 +431,7 @@ def _tuple_n(n: int):
     def op(m: _Machine) -> None:
         items = [m.pop() for _ in range(n)][::-1]
         m.stack.append(tuple(items))
+
     return op
 
 
@@ -476,12 +514,14 @@ def _get(index_reader):
         if index not in m.memo:
             raise _Malformed(f"memo entry {index} used before it was stored")
         m.stack.append(m.memo[index])
+
     return op
 
 
 def _put(index_reader):
     def op(m: _Machine) -> None:
         m.memo[index_reader(m)] = m.top()
+
     return op
 
 
@@ -502,31 +542,80 @@ def _text_index(m: _Machine) -> int:
     return m.decimal(m.readline())
 
 
-_OPS = {op[0]: fn for op, fn in {
-    b".": _stop, b"(": _mark, b"0": _pop, b"1": _pop_mark, b"2": _dup,
-    b"N": _push(lambda: None), b"\x88": _push(lambda: True), b"\x89": _push(lambda: False),
-    b"I": _int_text, b"J": _fixed_int(4, True), b"K": _fixed_int(1, False),
-    b"M": _fixed_int(2, False), b"L": _long_text, b"\x8a": _long_n(1), b"\x8b": _long_n(4),
-    b"F": _float_text, b"G": lambda m: m.stack.append(struct.unpack(">d", m.read(8))[0]),
-    b"S": _string_text, b"T": _sized(4, _py2_str), b"U": _sized(1, _py2_str),
-    b"V": _unicode_text, b"X": _sized(4, _utf8), b"\x8c": _sized(1, _utf8),
-    b"\x8d": _sized(8, _utf8), b"B": _sized(4, bytes), b"C": _sized(1, bytes),
-    b"\x8e": _sized(8, bytes), b"\x96": _sized(8, bytearray),
-    b")": _push(tuple), b"t": _tuple, b"\x85": _tuple_n(1), b"\x86": _tuple_n(2),
-    b"\x87": _tuple_n(3), b"]": _push(list), b"l": _list, b"a": _append, b"e": _appends,
-    b"}": _push(dict), b"d": _dict, b"s": _setitem, b"u": _setitems,
-    b"\x8f": _push(set), b"\x90": _additems, b"\x91": _frozenset,
-    b"g": _get(_text_index), b"h": _get(lambda m: m.read_uint(1)),
-    b"j": _get(lambda m: m.read_uint(4)), b"p": _put(_text_index),
-    b"q": _put(lambda m: m.read_uint(1)), b"r": _put(lambda m: m.read_uint(4)),
-    b"\x94": _memoize, b"\x80": _proto, b"\x95": _frame,
-    b"c": _global, b"\x93": _stack_global, b"R": _reduce, b"b": _build,
-    b"i": _inst, b"o": _instantiate, b"\x81": _instantiate, b"\x92": _instantiate,
-    b"\x82": _ext, b"\x83": _ext, b"\x84": _ext, b"P": _persid, b"Q": _binpersid,
-}.items()}
+_OPS = {
+    op[0]: fn
+    for op, fn in {
+        b".": _stop,
+        b"(": _mark,
+        b"0": _pop,
+        b"1": _pop_mark,
+        b"2": _dup,
+        b"N": _push(lambda: None),
+        b"\x88": _push(lambda: True),
+        b"\x89": _push(lambda: False),
+        b"I": _int_text,
+        b"J": _fixed_int(4, True),
+        b"K": _fixed_int(1, False),
+        b"M": _fixed_int(2, False),
+        b"L": _long_text,
+        b"\x8a": _long_n(1),
+        b"\x8b": _long_n(4),
+        b"F": _float_text,
+        b"G": lambda m: m.stack.append(struct.unpack(">d", m.read(8))[0]),
+        b"S": _string_text,
+        b"T": _sized(4, _py2_str),
+        b"U": _sized(1, _py2_str),
+        b"V": _unicode_text,
+        b"X": _sized(4, _utf8),
+        b"\x8c": _sized(1, _utf8),
+        b"\x8d": _sized(8, _utf8),
+        b"B": _sized(4, bytes),
+        b"C": _sized(1, bytes),
+        b"\x8e": _sized(8, bytes),
+        b"\x96": _sized(8, bytearray),
+        b")": _push(tuple),
+        b"t": _tuple,
+        b"\x85": _tuple_n(1),
+        b"\x86": _tuple_n(2),
+        b"\x87": _tuple_n(3),
+        b"]": _push(list),
+        b"l": _list,
+        b"a": _append,
+        b"e": _appends,
+        b"}": _push(dict),
+        b"d": _dict,
+        b"s": _setitem,
+        b"u": _setitems,
+        b"\x8f": _push(set),
+        b"\x90": _additems,
+        b"\x91": _frozenset,
+        b"g": _get(_text_index),
+        b"h": _get(lambda m: m.read_uint(1)),
+        b"j": _get(lambda m: m.read_uint(4)),
+        b"p": _put(_text_index),
+        b"q": _put(lambda m: m.read_uint(1)),
+        b"r": _put(lambda m: m.read_uint(4)),
+        b"\x94": _memoize,
+        b"\x80": _proto,
+        b"\x95": _frame,
+        b"c": _global,
+        b"\x93": _stack_global,
+        b"R": _reduce,
+        b"b": _build,
+        b"i": _inst,
+        b"o": _instantiate,
+        b"\x81": _instantiate,
+        b"\x92": _instantiate,
+        b"\x82": _ext,
+        b"\x83": _ext,
+        b"\x84": _ext,
+        b"P": _persid,
+        b"Q": _binpersid,
+    }.items()
+}
 
 
-def _read_legacy(f: BinaryIO, file_size: int) -> object:
+def _read_legacy(f: BufferedIOBase, file_size: int) -> object:
     if _Machine(f, file_size).load() != MAGIC_NUMBER:
         raise _Malformed("no torch magic number: not a torch checkpoint")
     if _Machine(f, file_size).load() != PROTOCOL_VERSION:
@@ -537,8 +626,12 @@ def _read_legacy(f: BinaryIO, file_size: int) -> object:
     storages: dict[str, _Storage] = {}
     obj = _Machine(f, file_size, storages, budget=file_size - f.tell()).load()
     keys = _Machine(f, file_size).load()
-    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
-            and len(keys) == len(set(keys)) and set(keys) == set(storages)):
+    if not (
+        isinstance(keys, list)
+        and all(isinstance(k, str) for k in keys)
+        and len(keys) == len(set(keys))
+        and set(keys) == set(storages)
+    ):
         raise _Malformed("the storage key list does not match the storages the object uses")
     for key in keys:
         flat = storages[key].flat
@@ -546,10 +639,12 @@ def _read_legacy(f: BinaryIO, file_size: int) -> object:
         if len(count) != 8:
             raise _Malformed(f"the file ends before storage {key} (truncated)")
         if int.from_bytes(count, "little", signed=True) != flat.numel():
-            raise _Malformed(f"storage {key} holds {int.from_bytes(count, 'little')} elements "
-                             f"where the object expects {flat.numel()}")
+            raise _Malformed(
+                f"storage {key} holds {int.from_bytes(count, 'little')} elements "
+                f"where the object expects {flat.numel()}"
+            )
         buffer = flat.view(torch.uint8).numpy() if flat.numel() else None
-        if buffer is not None and f.readinto(memoryview(buffer)) != buffer.nbytes:
+        if buffer is not None and f.readinto(buffer.data) != buffer.nbytes:
             raise _Malformed(f"the file ends inside storage {key} (truncated)")
     if f.read(1):
         raise _Malformed("unexpected bytes after the last storage")
@@ -569,7 +664,8 @@ def load_legacy_torch(path: str | Path) -> object:
     except _Refused as exc:
         raise JregfixError(
             f"{path}: refused to load: {exc}; a checkpoint may only hold tensors, OrderedDicts "
-            "and plain Python values (get the file from its official source)") from None
+            "and plain Python values (get the file from its official source)"
+        ) from None
     except (_Malformed, ValueError, TypeError, OverflowError, RuntimeError) as exc:
         # ValueError & co. come from decoding forged literals (escapes, UTF-8, floats).
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -56,8 +56,10 @@ def lock_path(out: str | os.PathLike) -> Path:
 def _holder_text(info: dict) -> str:
     if not info:
         return "another process (it has not written its name yet)"
-    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} since "
-            f"{info.get('started_utc', '?')} ({info.get('command', '?')})")
+    return (
+        f"pid {info.get('pid', '?')} on {info.get('host', '?')} since "
+        f"{info.get('started_utc', '?')} ({info.get('command', '?')})"
+    )
 
 
 def _read_holder(fd: int) -> dict:
@@ -96,9 +98,11 @@ def _open_locked(path: Path) -> int | None:
                 time.sleep(0.2)  # the holder may be writing its name right now
                 info = _read_holder(fd)
                 os.close(fd)
-                raise JregfixError(f"{path.with_suffix('')} is being written by "
-                                   f"{_holder_text(info)}; wait for it to finish or choose "
-                                   "another output") from None
+                raise JregfixError(
+                    f"{path.with_suffix('')} is being written by "
+                    f"{_holder_text(info)}; wait for it to finish or choose "
+                    "another output"
+                ) from None
             os.close(fd)
             if exc.errno in UNSUPPORTED:
                 return None
@@ -113,8 +117,7 @@ def _open_locked(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | os.PathLike, say: Callable[[str], None] | None = None
-                ) -> Iterator[None]:
+def output_lock(out: str | os.PathLike, say: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the exclusive lock of ``out`` (``<out>.lock``) for the block."""
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     if os.environ.get("JREGFIX_NO_LOCK") == "1":
@@ -124,23 +127,29 @@ def output_lock(out: str | os.PathLike, say: Callable[[str], None] | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     with _held_guard:
         if str(path) in _held:
-            raise JregfixError(f"{out} is already being written by this process; choose "
-                               "another output")
+            raise JregfixError(
+                f"{out} is already being written by this process; choose another output"
+            )
         _held.add(str(path))
     try:
         fd = _open_locked(path)
         if fd is None:
-            say(f"warning: {path.parent} does not support file locks; nothing stops another "
-                f"process from writing {out} at the same time (JREGFIX_NO_LOCK=1 hides this)")
+            say(
+                f"warning: {path.parent} does not support file locks; nothing stops another "
+                f"process from writing {out} at the same time (JREGFIX_NO_LOCK=1 hides this)"
+            )
             yield
             return
         try:
             previous = _read_holder(fd)
             if previous:
                 say(_stale_note(path, previous))
-            me = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "command": " ".join(sys.argv)}
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join(sys.argv),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
             os.fsync(fd)

@@ -1,8 +1,9 @@
 """Run manifests and resumable chunk stores.
 
 A stage records what went in (input files with sha256, resolved config, seed, package
-versions) next to what came out. A stage is *current* when its recorded inputs and config equal
-the ones of a new call. Long stages write per-chunk npz files under a chunk directory tagged
+versions) next to what came out. A stage is *current* (:func:`records_current`, the one rule)
+when its recorded inputs and config equal the ones of a new call and its outputs are present
+with the hashes it recorded. Long stages write per-chunk npz files under a chunk directory tagged
 with the same fingerprint; a re-run with an equal fingerprint skips completed chunks, and a
 different fingerprint discards them (they belong to another computation). Each chunk also
 carries the fingerprint's hash, so a chunk written into the directory by another computation
@@ -57,11 +58,16 @@ def describe_inputs(inputs: Mapping[str, str | Path | None]) -> dict[str, dict]:
     return out
 
 
-def stage_record(stage: str, inputs: Mapping[str, str | Path | None], config: Mapping,
-                 seed: int | None = None) -> dict:
+def stage_record(
+    stage: str, inputs: Mapping[str, str | Path | None], config: Mapping, seed: int | None = None
+) -> dict:
     """What a stage ran on: the part of the manifest that decides whether it is current."""
-    return {"stage": stage, "inputs": describe_inputs(inputs), "config": _jsonable(config),
-            "seed": seed}
+    return {
+        "stage": stage,
+        "inputs": describe_inputs(inputs),
+        "config": _jsonable(config),
+        "seed": seed,
+    }
 
 
 def fingerprint(record: Mapping) -> dict:
@@ -83,8 +89,9 @@ def _manifest_doc(record: Mapping, extra: Mapping | None) -> dict:
     return doc
 
 
-def write_manifest(path: str | Path, record: Mapping, outputs: Mapping | None = None,
-                   extra: Mapping | None = None) -> dict:
+def write_manifest(
+    path: str | Path, record: Mapping, outputs: Mapping | None = None, extra: Mapping | None = None
+) -> dict:
     """Write ``<output>.manifest.json``-style provenance next to already written outputs (a
     single output's hash is also recorded as ``output_sha256``, for :func:`read_sidecar`)."""
     doc = _manifest_doc(record, extra)
@@ -96,12 +103,18 @@ def write_manifest(path: str | Path, record: Mapping, outputs: Mapping | None = 
     return doc
 
 
-def write_output(out: str | Path, data: bytes, record: Mapping, name: str,
-                 extra: Mapping | None = None) -> dict:
+def write_output(
+    out: str | Path, data: bytes, record: Mapping, name: str, extra: Mapping | None = None
+) -> dict:
     """Write the bytes of ``out`` and its manifest as one unit (:func:`write_pair`)."""
     doc = _manifest_doc(record, extra)
-    doc["outputs"] = {name: {"path": str(Path(out).resolve()),
-                             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+    doc["outputs"] = {
+        name: {
+            "path": str(Path(out).resolve()),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+    }
     return write_pair(out, data, manifest_path(out), doc)
 
 
@@ -130,24 +143,46 @@ def read_sidecar(output: str | Path, sidecar: str | Path | None = None) -> dict 
     if not isinstance(doc, dict) or "output_sha256" not in doc:
         return doc
     if not Path(output).is_file() or sha256_file(output) != doc["output_sha256"]:
-        raise JregfixError(f"{sidecar} does not describe {output} (its recorded sha256 "
-                           "differs: a write was interrupted or one file was replaced); re-run "
-                           f"the command that wrote {output}")
+        raise JregfixError(
+            f"{sidecar} does not describe {output} (its recorded sha256 "
+            "differs: a write was interrupted or one file was replaced); re-run "
+            f"the command that wrote {output}"
+        )
     return doc
 
 
-def is_current(output: str | Path, record: Mapping) -> bool:
-    """True when ``output`` exists and its manifest fingerprint and hash match ``record``."""
-    output = Path(output)
-    doc = read_manifest(manifest_path(output))
-    if doc is None or not output.is_file():
+def records_current(
+    doc: Mapping | None, record: Mapping, outputs: Mapping[str, str | Path]
+) -> bool:
+    """THE definition of *current*, for every stage: ``doc`` (a stage's manifest, or a stage's
+    entry in a run manifest) records the fingerprint of ``record`` (same inputs by sha256, same
+    config and seed), and exactly the outputs named in ``outputs``, each present with the sha256
+    recorded for it (a missing, replaced or half-written output is computed again).
+
+    ``doc["outputs"]`` maps a name to the output's sha256, or to ``{"path", "sha256", ...}`` as
+    :func:`write_manifest` records it.
+    """
+    if not isinstance(doc, Mapping):
         return False
-    if "output_sha256" in doc and sha256_file(output) != doc["output_sha256"]:
-        return False  # an interrupted write: compute it again
     try:
-        return fingerprint(doc) == fingerprint(record)
-    except KeyError:
+        if fingerprint(doc) != fingerprint(record):
+            return False
+        hashes = {
+            name: entry["sha256"] if isinstance(entry, Mapping) else entry
+            for name, entry in doc.get("outputs", {}).items()
+        }
+    except (KeyError, TypeError, AttributeError):  # not a manifest of ours
         return False
+    return set(hashes) == set(outputs) and all(
+        Path(p).is_file() and sha256_file(p) == hashes[name] for name, p in outputs.items()
+    )
+
+
+def is_current(output: str | Path, record: Mapping) -> bool:
+    """:func:`records_current` for a stage with one output and its ``<output>.manifest.json``."""
+    doc = read_manifest(manifest_path(output))
+    names = list(doc.get("outputs", {})) if isinstance(doc, dict) else []
+    return len(names) == 1 and records_current(doc, record, {names[0]: output})
 
 
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -162,8 +197,13 @@ class ChunkStore:
     TAG_FILE = "fingerprint.json"
     TAG_MEMBER = "chunk_fingerprint"  # in every chunk: sha256 of the tag
 
-    def __init__(self, directory: str | Path, record: Mapping,
-                 say: Callable[[str], None] | None = None, nan_marks: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        directory: str | Path,
+        record: Mapping,
+        say: Callable[[str], None] | None = None,
+        nan_marks: tuple[str, ...] = (),
+    ):
         """``nan_marks``: arrays where NaN is a marker (a silhouette chunk's ``box`` of a frame
         without a detection); NaN anywhere else makes a chunk unsound."""
         self.directory = Path(directory)
@@ -172,8 +212,9 @@ class ChunkStore:
         self._sound: set[int] = set()  # chunks already checked by done()
         # chunks made by another version of the code are not mixed with new ones
         self.tag = {**fingerprint(record), "versions": versions()}
-        self.tag_hash = hashlib.sha256(json.dumps(_jsonable(self.tag), sort_keys=True)
-                                       .encode()).hexdigest()
+        self.tag_hash = hashlib.sha256(
+            json.dumps(_jsonable(self.tag), sort_keys=True).encode()
+        ).hexdigest()
         tag_file = self.directory / self.TAG_FILE
         if self.directory.exists():
             old = read_manifest(tag_file)
@@ -200,8 +241,14 @@ class ChunkStore:
             with np.load(path, allow_pickle=False) as z:
                 ours = self.TAG_MEMBER in z.files and str(z[self.TAG_MEMBER]) == self.tag_hash
                 problem = None if ours else "made by another computation"
-                bad = [k for k in z.files if ours and k not in self.nan_marks
-                       and z[k].dtype.kind in "fc" and not np.isfinite(z[k]).all()]
+                bad = [
+                    k
+                    for k in z.files
+                    if ours
+                    and k not in self.nan_marks
+                    and z[k].dtype.kind in "fc"
+                    and not np.isfinite(z[k]).all()
+                ]
                 if bad:
                     problem = f"NaN/inf in {bad}"
         except (JregfixError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -216,16 +263,25 @@ class ChunkStore:
 
     def save(self, index: int, **arrays: np.ndarray) -> None:
         """Write chunk ``index``; NaN/inf is refused (the finished chunks stay for a resume)."""
-        _refuse_non_finite({k: v for k, v in arrays.items() if k not in self.nan_marks},
-                           f"chunk {index} of {self.directory}")
-        save_npz(self.path(index), **arrays, **{self.TAG_MEMBER: np.array(self.tag_hash)})
+        _refuse_non_finite(
+            {k: v for k, v in arrays.items() if k not in self.nan_marks},
+            f"chunk {index} of {self.directory}",
+        )
+        save_npz(
+            self.path(index),
+            compressed=True,
+            **arrays,
+            **{self.TAG_MEMBER: np.array(self.tag_hash)},
+        )
         fault_point("after-chunk")
 
     def load(self, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(index), allow_pickle=False) as z:
             if self.TAG_MEMBER not in z.files or str(z[self.TAG_MEMBER]) != self.tag_hash:
-                raise JregfixError(f"{self.path(index)} belongs to another computation "
-                                   "(its fingerprint differs); re-run the command")
+                raise JregfixError(
+                    f"{self.path(index)} belongs to another computation "
+                    "(its fingerprint differs); re-run the command"
+                )
             return {k: z[k] for k in z.files if k != self.TAG_MEMBER}
 
     def iter_loaded(self, count: int) -> Iterator[dict[str, np.ndarray]]:
@@ -251,14 +307,18 @@ def _refuse_non_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
         a = np.asarray(a)
         if a.dtype.kind not in "fc" or np.isfinite(a).all():
             continue
-        rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1)) if a.ndim \
+        rows = (
+            np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(1))
+            if a.ndim
             else np.zeros(1, np.int64)
+        )
         if frames is not None and a.ndim and len(frames) == len(a):
             rows = np.asarray(frames)[rows]
         raise JregfixError(
             f"{what}: NaN/inf in '{key}' for {len(rows)} frame(s), e.g. {rows[:5].tolist()}; the "
             "computation diverged or an input holds NaN (weights, initial parameters) or a "
-            "setting is extreme (learning rate); finished chunks are kept for a resume")
+            "setting is extreme (learning rate); finished chunks are kept for a resume"
+        )
 
 
 def _jsonable(obj):

@@ -43,22 +43,35 @@ def unpack_masks(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(len(packed), h, w).astype(bool)
 
 
-def save_silhouettes(path: str | Path, masks: np.ndarray, score: np.ndarray, found: np.ndarray,
-                     imgname: np.ndarray, **extra: np.ndarray) -> None:
+def save_silhouettes(
+    path: str | Path,
+    masks: np.ndarray,
+    score: np.ndarray,
+    found: np.ndarray,
+    imgname: np.ndarray,
+    **extra: np.ndarray,
+) -> None:
     """Write masks (N,H,W) bool, score (N,), found (N,), imgname (N,) (+ extras) atomically."""
     masks = np.asarray(masks)
     if masks.ndim != 3:
         raise JregfixError(f"masks must be (N, H, W), got shape {masks.shape}")
-    save_packed_silhouettes(path, pack_masks(masks), masks.shape[1:], score, found, imgname,
-                            **extra)
+    save_packed_silhouettes(
+        path, pack_masks(masks), masks.shape[1:], score, found, imgname, **extra
+    )
 
 
-def save_packed_silhouettes(path: str | Path, masks_packed: np.ndarray, mask_shape: tuple,
-                            score: np.ndarray, found: np.ndarray, imgname: np.ndarray,
-                            **extra: np.ndarray) -> None:
+def save_packed_silhouettes(
+    path: str | Path,
+    masks_packed: np.ndarray,
+    mask_shape: tuple,
+    score: np.ndarray,
+    found: np.ndarray,
+    imgname: np.ndarray,
+    **extra: np.ndarray,
+) -> None:
     """As :func:`save_silhouettes`, masks already packed with :func:`pack_masks`."""
     n = len(masks_packed)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "masks_packed": np.asarray(masks_packed, dtype=np.uint8),
         "mask_shape": np.array(mask_shape, dtype=np.int64),
         "score": np.asarray(score, dtype=np.float32).reshape(-1),
@@ -71,9 +84,10 @@ def save_packed_silhouettes(path: str | Path, masks_packed: np.ndarray, mask_sha
         raise JregfixError(f"silhouette arrays disagree on the frame count {n}: {bad}")
     h, w = arrays["mask_shape"]
     if arrays["masks_packed"].shape != (n, -(-h * w // 8)):
-        raise JregfixError(f"masks_packed {arrays['masks_packed'].shape} does not hold "
-                           f"{h}x{w} masks")
-    save_npz(path, **arrays)
+        raise JregfixError(
+            f"masks_packed {arrays['masks_packed'].shape} does not hold {h}x{w} masks"
+        )
+    save_npz(path, compressed=True, **arrays)
 
 
 def load_silhouettes(path: str | Path) -> Silhouettes:
@@ -87,17 +101,24 @@ def load_silhouettes(path: str | Path) -> Silhouettes:
             missing = [k for k in _KEYS if k not in z.files]
             if missing:
                 raise JregfixError(
-                    f"{path}: not a silhouettes file: missing {missing}; found {sorted(z.files)}")
+                    f"{path}: not a silhouettes file: missing {missing}; found {sorted(z.files)}"
+                )
             arrays = {k: z[k] for k in _KEYS}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise JregfixError(f"{path}: not a readable npz file ({exc})") from None
     shape = tuple(int(v) for v in arrays["mask_shape"])
     n = len(arrays["masks_packed"])
     if len(shape) != 2 or arrays["masks_packed"].shape[1:] != (-(-shape[0] * shape[1] // 8),):
-        raise JregfixError(f"{path}: masks_packed {arrays['masks_packed'].shape} does not hold "
-                           f"masks of shape {shape}")
+        raise JregfixError(
+            f"{path}: masks_packed {arrays['masks_packed'].shape} does not hold "
+            f"masks of shape {shape}"
+        )
     for key in ("score", "found", "imgname"):
         if arrays[key].shape != (n,):
             raise JregfixError(f"{path}: '{key}' has shape {arrays[key].shape}, expected ({n},)")
-    return Silhouettes(unpack_masks(arrays["masks_packed"], shape), arrays["score"],
-                       arrays["found"].astype(bool), arrays["imgname"].astype(str))
+    return Silhouettes(
+        unpack_masks(arrays["masks_packed"], shape),
+        arrays["score"],
+        arrays["found"].astype(bool),
+        arrays["imgname"].astype(str),
+    )

@@ -8,6 +8,8 @@ in ``<file>.json`` beside it.
 
 from __future__ import annotations
 
+import re
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,48 +22,115 @@ from jregfix.io.budget import check_npz
 from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.manifest import read_sidecar
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+TRANSFORMS = {
+    "none": "applied as stored",
+    "relu-row-normalise": "ReLU(J), each row divided by its sum (what the authors' code applies)",
+}
+
 
 @dataclass(frozen=True)
 class KnownRegressor:
+    """One registry entry (one ``<name>.toml`` of the source tree's ``regressors/`` folder).
+
+    ``url`` and ``sha256`` are None when there is no public download; ``transform`` is a key
+    of :data:`TRANSFORMS`, applied to the raw file before ``joints = J @ vertices``.
+    """
+
     name: str
     description: str
     shape: tuple[int, int]
     url: str | None
     sha256: str | None
     licence: str
+    transform: str = "none"
     training_subjects: tuple[str, ...] | None = None  # Human3.6M subjects it was fitted on
     training_note: str = ""
 
 
-HEDLIN_URL = (
-    "https://raw.githubusercontent.com/ubc-vision/joint-regressor-refinement/"
-    "0dc0bed5b08b83666a9c265011644d2354814459/models/retrained_J_Regressor.pt"
-)
-HEDLIN_SHA256 = "4ea32d1b3b9a135130722218f87eadfcf78321cf2ca6954e14f780eb9b60d079"
-
-KNOWN_REGRESSORS = {
-    "hedlin": KnownRegressor(
-        "hedlin",
-        "Hedlin, Rhodin & Yi (CRV 2022) refined H36M regressor; raw parameter, applied as "
-        "ReLU(J) with rows renormalised to sum to 1",
-        (17, 6890), HEDLIN_URL, HEDLIN_SHA256,
-        "published in ubc-vision/joint-regressor-refinement (no licence file at that commit; "
-        "use for research, cite the paper)",
-        # scripts/optimize.py at that commit builds its loader from data_set("validation")
-        # (the "train" line is commented out), and scripts/data.py maps "validation" to the
-        # precomputed S9/S11 data: the released code fits on the test subjects.
-        training_subjects=("S9", "S11"),
-        training_note="subjects the authors' released code fits on (its optimisation loads "
-        "the validation split, S9 and S11); if the released file came from that code, it was "
-        "fitted on the Human3.6M test subjects",
-    ),
-    "h36m": KnownRegressor(
-        "h36m",
-        "SPIN's standard J_regressor_h36m.npy (fitted to MoSh meshes); ships with SPIN's data "
-        "(fetch_data.sh), not downloadable here",
-        (17, 6890), None, None, "part of SPIN's data release (SMPL-derived; research use)",
-    ),
+_REQUIRED = {
+    "name": str,
+    "description": str,
+    "shape": list,
+    "url": str,
+    "sha256": str,
+    "licence": str,
+    "transform": str,
 }
+_OPTIONAL = {"training_subjects": list, "training_note": str}
+
+
+def load_registry() -> dict[str, KnownRegressor]:
+    """{name: entry} from the TOML files shipped as ``jregfix.registry`` (sorted by name).
+
+    Each file is checked whole (all keys, their types, ``name`` = file stem, a 64-hex sha256
+    exactly when there is a url, a known transform): a broken entry is a packaging bug, so it
+    fails loudly at import instead of surfacing mid-run.
+    """
+    from importlib.resources import files
+
+    files_ = sorted(
+        (f for f in files("jregfix.registry").iterdir() if f.name.endswith(".toml")),
+        key=lambda f: f.name,
+    )
+    entries = (parse_registry_entry(f.read_text(encoding="utf-8"), f.name) for f in files_)
+    return {entry.name: entry for entry in entries}
+
+
+def parse_registry_entry(text: str, filename: str) -> KnownRegressor:
+    """One ``<name>.toml`` -> :class:`KnownRegressor`; :class:`JregfixError` names what is
+    wrong."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JregfixError(f"regressor registry {filename}: not valid TOML ({exc})") from None
+
+    def bad(why: str) -> JregfixError:
+        return JregfixError(f"regressor registry {filename}: {why}")
+
+    for key, kind in _REQUIRED.items():
+        if not isinstance(doc.get(key), kind):
+            raise bad(f"'{key}' missing or not a {kind.__name__}")
+    for key, kind in _OPTIONAL.items():
+        if key in doc and not isinstance(doc[key], kind):
+            raise bad(f"'{key}' is not a {kind.__name__}")
+    unknown = set(doc) - set(_REQUIRED) - set(_OPTIONAL)
+    if unknown:
+        raise bad(f"unknown key(s) {sorted(unknown)}")
+    if filename != f"{doc['name']}.toml":
+        raise bad(f"name '{doc['name']}' differs from the file name")
+    shape = doc["shape"]
+    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise bad(f"shape {shape} is not [K, V] with positive integers")
+    url, sha256 = doc["url"], doc["sha256"].lower()
+    if bool(url) != bool(sha256):
+        raise bad("give both url and sha256 (a download is always pinned) or neither")
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise bad(f"sha256 '{sha256}' is not 64 hex digits")
+    if doc["transform"] not in TRANSFORMS:
+        raise bad(f"transform '{doc['transform']}' is not one of {sorted(TRANSFORMS)}")
+    subjects = doc.get("training_subjects")
+    return KnownRegressor(
+        doc["name"],
+        doc["description"],
+        (shape[0], shape[1]),
+        url or None,
+        sha256 or None,
+        doc["licence"],
+        doc["transform"],
+        tuple(map(str, subjects)) if subjects else None,
+        doc.get("training_note", ""),
+    )
+
+
+KNOWN_REGRESSORS = load_registry()
+# the raw released file is recognised by its hash wherever a regressor is read (evaluate, check)
+HEDLIN_SHA256 = KNOWN_REGRESSORS["hedlin"].sha256
 
 
 def load_regressor(path: str | Path) -> np.ndarray:
@@ -94,18 +163,23 @@ def checked_regressor(array, name: str) -> np.ndarray:
     non-numeric, NaN/inf, all-zero rows)."""
     array = np.asarray(array)
     if array.dtype.kind not in "biuf":  # complex, object, strings
-        raise JregfixError(f"{name}: regressor has dtype {array.dtype}; expected real numbers "
-                           "(re-save it as a float array)")
+        raise JregfixError(
+            f"{name}: regressor has dtype {array.dtype}; expected real numbers "
+            "(re-save it as a float array)"
+        )
     array = array.astype(np.float64)
     if array.ndim != 2:
         raise JregfixError(f"{name}: regressor has shape {array.shape}, expected (K, V)")
     if not np.isfinite(array).all():
-        raise JregfixError(f"{name}: regressor contains NaN or inf; re-create it (a fit that "
-                           "diverged?)")
+        raise JregfixError(
+            f"{name}: regressor contains NaN or inf; re-create it (a fit that diverged?)"
+        )
     zero = np.flatnonzero(~array.any(axis=1))
     if len(zero):
-        raise JregfixError(f"{name}: regressor row {zero[0]} is all zeros ({len(zero)} such "
-                           "row(s)); that joint would sit at the origin: use another file")
+        raise JregfixError(
+            f"{name}: regressor row {zero[0]} is all zeros ({len(zero)} such "
+            "row(s)); that joint would sit at the origin: use another file"
+        )
     return array
 
 
@@ -132,14 +206,22 @@ def _load_torch_tensor(path: Path) -> np.ndarray:
     return obj.numpy() if obj.is_complex() else obj.to(torch.float64).numpy()
 
 
-def validate_regressor(j: np.ndarray, num_vertices: int, name: str = "regressor",
-                       num_joints: int | None = None) -> np.ndarray:
+def validate_regressor(
+    j: np.ndarray, num_vertices: int, name: str = "regressor", num_joints: int | None = None
+) -> np.ndarray:
     if j.shape[1] != num_vertices:
-        raise JregfixError(f"{name}: shape {j.shape} does not fit a body model with "
-                           f"{num_vertices} vertices (expected (K, {num_vertices}))")
+        raise JregfixError(
+            f"{name}: shape {j.shape} does not fit a body model with "
+            f"{num_vertices} vertices (expected (K, {num_vertices}))"
+        )
     if num_joints is not None and j.shape[0] != num_joints:
         raise JregfixError(f"{name}: {j.shape[0]} rows, expected {num_joints} joints")
     return j
+
+
+def apply_transform(j: np.ndarray, transform: str) -> np.ndarray:
+    """(K, V) -> (K, V): a registry entry's ``transform`` (a key of :data:`TRANSFORMS`)."""
+    return effective_regressor(j) if transform == "relu-row-normalise" else j
 
 
 def effective_regressor(j: np.ndarray) -> np.ndarray:
@@ -165,8 +247,10 @@ def regressor_warnings(j: np.ndarray) -> list[str]:
     sums = j.sum(1)
     off = np.abs(sums - 1.0) > ROW_SUM_TOL
     if off.any():
-        out.append(f"{int(off.sum())} row sum(s) off 1 by more than {ROW_SUM_TOL:g} "
-                   f"(row sums {sums.min():.4f}..{sums.max():.4f})")
+        out.append(
+            f"{int(off.sum())} row sum(s) off 1 by more than {ROW_SUM_TOL:g} "
+            f"(row sums {sums.min():.4f}..{sums.max():.4f})"
+        )
     return out
 
 
@@ -218,9 +302,11 @@ def cached_raw_path(name: str) -> Path:
     return cache_dir() / "regressors" / Path(known.url or name).name
 
 
-def download_regressor(name: str, out: str | Path | None = None, url: str | None = None,
-                       progress=None) -> Path:
-    """Fetch a known regressor (pinned sha256, cached), write its effective form as .npy.
+def download_regressor(
+    name: str, out: str | Path | None = None, url: str | None = None, progress=None
+) -> Path:
+    """Fetch a known regressor (the registry's url, pinned by its sha256, cached) and write it
+    as a (K, V) .npy after the entry's ``transform`` (the form ``joints = J @ vertices`` uses).
 
     ``url`` overrides the source (``file://...``, a local path, or a mirror); the sha256 pin
     still applies. Returns the path of the written (K, V) .npy.
@@ -228,13 +314,19 @@ def download_regressor(name: str, out: str | Path | None = None, url: str | None
     from jregfix.io.download import cache_dir, download
 
     known = _known(name)
+    # the registry gives both url and sha256 or neither: never an unpinned download, not even
+    # from --url
+    if known.sha256 is None or known.url is None:
+        raise JregfixError(
+            f"regressor '{name}' has no pinned public download "
+            f"({known.description}); pass your own copy to --regressor instead"
+        )
     source = url or known.url
-    if source is None:
-        raise JregfixError(f"regressor '{name}' has no public download; {known.description}")
     raw = cached_raw_path(name)
     out = Path(out) if out is not None else cache_dir() / "regressors" / f"{name}_effective.npy"
-    refuse_overwriting_inputs({"--url": _local_path(source), "the cached download": raw},
-                              {"--out": out})
+    refuse_overwriting_inputs(
+        {"--url": _local_path(source), "the cached download": raw}, {"--out": out}
+    )
     if not raw.is_file() or sha256_file(raw) != known.sha256:
         try:
             download(source, raw, known.sha256, progress=progress)
@@ -245,12 +337,18 @@ def download_regressor(name: str, out: str | Path | None = None, url: str | None
                 "(or give the plain path)."
             ) from None
     j = validate_regressor(load_regressor(raw), known.shape[1], name, known.shape[0])
-    eff = effective_regressor(j)
-    save_regressor(out, eff, provenance={
-        "name": name, "source": source, "sha256_raw": known.sha256,
-        "transform": "ReLU(J), each row divided by its sum (what the authors' code applies)",
-        "description": known.description, "licence": known.licence,
-    })
+    save_regressor(
+        out,
+        apply_transform(j, known.transform),
+        provenance={
+            "name": name,
+            "source": source,
+            "sha256_raw": known.sha256,
+            "transform": TRANSFORMS[known.transform],
+            "description": known.description,
+            "licence": known.licence,
+        },
+    )
     return out
 
 

@@ -36,20 +36,39 @@ import scipy.sparse
 
 from jregfix.errors import JregfixError
 
-REQUIRED_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights",
-                 "kintree_table", "f")
+REQUIRED_KEYS = (
+    "v_template",
+    "shapedirs",
+    "posedirs",
+    "J_regressor",
+    "weights",
+    "kintree_table",
+    "f",
+)
 
 _FIX = "use the released SMPL pickle, a clean_ch.py output or an smplx .npz"
 # Numeric dtypes only: object, string and structured arrays are never part of an SMPL model.
 _DTYPE_SPECS = {f"{kind}{size}" for kind in "iu" for size in (1, 2, 4, 8)} | {
-    "f2", "f4", "f8", "b1"}
+    "f2",
+    "f4",
+    "f8",
+    "b1",
+}
 # Reconstructed arrays may not exceed this multiple of the file size (plus a little slack):
 # legitimate arrays are stored in full, so a larger claim is a lie meant to exhaust memory.
 _BUDGET_FACTOR, _BUDGET_SLACK = 4, 1 << 20
 # State attributes of a chumpy leaf; any other attribute means a computed node.
 _CH_LEAF_KEYS = {"x", "_dirty_vars", "_itr", "_depends_on_deps", "_make_dense", "_make_sparse"}
-_SPARSE_KEYS = {"format", "_shape", "maxprint", "data", "indices", "indptr",
-                "_has_sorted_indices", "_has_canonical_format"}
+_SPARSE_KEYS = {
+    "format",
+    "_shape",
+    "maxprint",
+    "data",
+    "indices",
+    "indptr",
+    "_has_sorted_indices",
+    "_has_canonical_format",
+}
 
 
 class _Refused(pickle.UnpicklingError):
@@ -86,8 +105,13 @@ class _Dtype:
         self.dtype = np.dtype(spec)
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
-                and state[2:5] == (None, None, None) and state[8:] in ((), (None,))):
+        if not (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[0] in (3, 4)
+            and state[2:5] == (None, None, None)
+            and state[8:] in ((), (None,))
+        ):
             raise _Refused("unsupported numpy dtype state (structured or with metadata)")
         endian = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
         if endian not in ("<", ">", "|", "="):
@@ -97,8 +121,11 @@ class _Dtype:
 
 
 def _shape_of(shape) -> tuple[int, ...]:
-    if not (isinstance(shape, tuple) and len(shape) <= 32
-            and all(type(n) is int and n >= 0 for n in shape)):
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) <= 32
+        and all(type(n) is int and n >= 0 for n in shape)
+    ):
         raise _Refused(f"bad array shape {shape!r}")
     return shape
 
@@ -116,7 +143,8 @@ def _array_from_bytes(raw, dtype, shape, fortran: bool, budget: _Budget) -> np.n
         raise _Refused(f"array of shape {shape} does not hold {nbytes} bytes of data")
     flat = np.frombuffer(raw, dtype.dtype)
     return flat.reshape(shape, order="F" if fortran else "C").astype(
-        dtype.dtype.newbyteorder("="), order="K")
+        dtype.dtype.newbyteorder("="), order="K"
+    )
 
 
 class _Array:
@@ -124,7 +152,7 @@ class _Array:
 
     def __init__(self, budget: _Budget):
         self.budget = budget
-        self.array = None
+        self.array: np.ndarray | None = None
 
     @classmethod
     def wrap(cls, array: np.ndarray) -> _Array:
@@ -179,8 +207,12 @@ class _Csr(_Sparse):
 
 def _reconstructor(cls, base, state):
     """``copy_reg._reconstructor`` (protocols 0/1), limited to our stand-in classes."""
-    if not (isinstance(cls, type) and issubclass(cls, _ChumpyNode | _Sparse)
-            and base is object and state is None):
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, _ChumpyNode | _Sparse)
+        and base is object
+        and state is None
+    ):
         raise _Refused("copy_reg._reconstructor of something other than chumpy or scipy.sparse")
     return cls()
 
@@ -199,8 +231,13 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-_SPARSE_MODULES = {"scipy.sparse", "scipy.sparse.csc", "scipy.sparse.csr", "scipy.sparse._csc",
-                   "scipy.sparse._csr"}
+_SPARSE_MODULES = {
+    "scipy.sparse",
+    "scipy.sparse.csc",
+    "scipy.sparse.csr",
+    "scipy.sparse._csc",
+    "scipy.sparse._csr",
+}
 _BUILTINS = {"__builtin__", "builtins"}
 
 
@@ -213,8 +250,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._chumpy_classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
-        if name == "_reconstruct" and module in ("numpy.core.multiarray",
-                                                 "numpy._core.multiarray"):
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return self._reconstruct
         if name == "scalar" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return self._scalar
@@ -298,8 +334,10 @@ def _text(k):
 
 
 def _chumpy_leaf(node: _ChumpyNode, key: str) -> np.ndarray:
-    computed = (f"key '{key}' is a computed chumpy expression ({{}}); convert the model with "
-                "smplx's tools/clean_ch.py or use the released file")
+    computed = (
+        f"key '{key}' is a computed chumpy expression ({{}}); convert the model with "
+        "smplx's tools/clean_ch.py or use the released file"
+    )
     if type(node) is not _ChumpyNode:
         raise JregfixError(computed.format(node.origin))
     state = getattr(node, "state", None)
@@ -312,9 +350,12 @@ def _chumpy_leaf(node: _ChumpyNode, key: str) -> np.ndarray:
     if state.get("_depends_on_deps", {}) != {}:
         raise JregfixError(computed.format("Ch with non-empty _depends_on_deps"))
     dirty = state.get("_dirty_vars", set())
-    if not (isinstance(dirty, set) and {_text(s) for s in dirty} <= {"x"}
-            and (state.get("_itr") is None or type(state.get("_itr")) is int)
-            and all(type(state.get(k, False)) is bool for k in ("_make_dense", "_make_sparse"))):
+    if not (
+        isinstance(dirty, set)
+        and {_text(s) for s in dirty} <= {"x"}
+        and (state.get("_itr") is None or type(state.get("_itr")) is int)
+        and all(type(state.get(k, False)) is bool for k in ("_make_dense", "_make_sparse"))
+    ):
         raise JregfixError(computed.format("Ch with unexpected bookkeeping state"))
     if not isinstance(state.get("x"), _Array):
         raise JregfixError(computed.format("Ch whose value 'x' is not a plain array"))
@@ -325,19 +366,28 @@ def _sparse(node: _Sparse, key: str):
     state = getattr(node, "state", None)
     state = {_text(k): v for k, v in state.items()} if isinstance(state, dict) else {}
     if not ({"_shape", "data", "indices", "indptr"} <= set(state) <= _SPARSE_KEYS):
-        raise JregfixError(f"key '{key}': scipy sparse matrix with unexpected state "
-                           f"{sorted(state)}")
+        raise JregfixError(
+            f"key '{key}': scipy sparse matrix with unexpected state {sorted(state)}"
+        )
     shape = state["_shape"]
     data, indices, indptr = (_convert(state[k], key) for k in ("data", "indices", "indptr"))
-    if not (isinstance(shape, tuple) and len(shape) == 2
-            and all(type(n) is int and n >= 0 for n in shape)
-            and all(isinstance(a, np.ndarray) and a.ndim == 1 for a in (data, indices, indptr))
-            and indices.dtype.kind in "iu" and indptr.dtype.kind in "iu"):
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) == 2
+        and all(type(n) is int and n >= 0 for n in shape)
+        and all(isinstance(a, np.ndarray) and a.ndim == 1 for a in (data, indices, indptr))
+        and indices.dtype.kind in "iu"
+        and indptr.dtype.kind in "iu"
+    ):
         raise JregfixError(f"key '{key}': malformed scipy sparse matrix")
     major, minor = shape if node.fmt == "csr" else shape[::-1]
-    if not (len(indptr) == major + 1 and indptr[0] == 0 and (np.diff(indptr) >= 0).all()
-            and indptr[-1] == len(indices) == len(data)
-            and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < minor))):
+    if not (
+        len(indptr) == major + 1
+        and indptr[0] == 0
+        and (np.diff(indptr) >= 0).all()
+        and indptr[-1] == len(indices) == len(data)
+        and (len(indices) == 0 or (indices.min() >= 0 and indices.max() < minor))
+    ):
         raise JregfixError(f"key '{key}': inconsistent {node.fmt} sparse matrix indices")
     cls = scipy.sparse.csr_matrix if node.fmt == "csr" else scipy.sparse.csc_matrix
     return cls((data, indices, indptr), shape=shape)
@@ -375,14 +425,27 @@ def _load_pickle(path: Path) -> dict:
             raw = RestrictedUnpickler(f, budget).load()
     except _Refused as exc:
         raise JregfixError(f"{path}: {exc}; {_FIX}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, struct.error, OverflowError, RecursionError, MemoryError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        struct.error,
+        OverflowError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
         detail = " ".join(str(exc).split())  # one line, whatever the exception says
-        raise JregfixError(f"{path}: not a readable SMPL pickle ({type(exc).__name__}: "
-                           f"{detail}); {_FIX}") from None
+        raise JregfixError(
+            f"{path}: not a readable SMPL pickle ({type(exc).__name__}: {detail}); {_FIX}"
+        ) from None
     if not isinstance(raw, dict):
-        raise JregfixError(f"{path}: expected a dict in the SMPL pickle, got "
-                           f"{type(raw).__name__}; {_FIX}")
+        raise JregfixError(
+            f"{path}: expected a dict in the SMPL pickle, got {type(raw).__name__}; {_FIX}"
+        )
     try:
         return {_text(k): _convert(v, _text(k)) for k, v in raw.items()}
     except JregfixError as exc:

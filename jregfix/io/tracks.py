@@ -34,8 +34,10 @@ import pickle
 import re
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -45,12 +47,17 @@ from jregfix.io.h36m import h36m_imgname
 TRACK_FILES = {"vibe": "vibe_output.pkl", "meva": "meva_output.pkl"}
 
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
     ("collections", "OrderedDict"),
     # protocol-5 pickles rebuild arrays from raw bytes with this
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
 }
 
 
@@ -77,7 +84,8 @@ class _JoblibArray:
 
 
 class _SafeUnpickler(pickle._Unpickler):  # pure-Python unpickler: BUILD can be intercepted
-    dispatch = dict(pickle._Unpickler.dispatch)
+    # typeshed types the pure-Python unpickler's dispatch as taking the C Unpickler
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, fh):
         super().__init__(fh, encoding="latin1")
@@ -137,12 +145,24 @@ def read_tracks(path: str | Path) -> tuple[dict, str]:
         obj = _SafeUnpickler(io.BytesIO(_decompressed(raw))).load()
     except pickle.UnpicklingError as exc:
         raise JregfixError(f"{path}: refused: {exc}") from None
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            struct.error, zlib.error, OSError, lzma.LZMAError) as exc:
+    except (
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        struct.error,
+        zlib.error,
+        OSError,
+        lzma.LZMAError,
+    ) as exc:
         raise JregfixError(f"{path}: not a readable VIBE/MEVA output ({exc})") from None
     if not isinstance(obj, dict):  # empty is real: MEVA writes {} when every track is < 90 frames
-        raise JregfixError(f"{path}: expected a dict of tracks, got {type(obj).__name__}; is "
-                           "this a VIBE/MEVA demo output?")
+        raise JregfixError(
+            f"{path}: expected a dict of tracks, got {type(obj).__name__}; is "
+            "this a VIBE/MEVA demo output?"
+        )
     for tid, track in obj.items():
         if not isinstance(track, dict):
             raise JregfixError(f"{path}: track {tid!r} is a {type(track).__name__}, not a dict")
@@ -159,13 +179,18 @@ def track_files(path: str | Path, method: str) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise JregfixError(f"{path}: no such file or folder (give a {name} or the folder that "
-                           f"holds <video>/{name})")
+        raise JregfixError(
+            f"{path}: no such file or folder (give a {name} or the folder that "
+            f"holds <video>/{name})"
+        )
     files = sorted(p for p in path.rglob(name) if p.is_file())
     if not files:
         others = [n for n in TRACK_FILES.values() if n != name and any(path.rglob(n))]
-        hint = f"; it holds {others[0]} files: is --method right?" if others else \
-            f"; {method}'s demo writes <output_folder>/<video name>/{name}"
+        hint = (
+            f"; it holds {others[0]} files: is --method right?"
+            if others
+            else f"; {method}'s demo writes <output_folder>/<video name>/{name}"
+        )
         raise JregfixError(f"{path}: no {name} in this folder or below{hint}")
     return files
 
@@ -204,19 +229,41 @@ def video_key(track_file: str | Path, subject: str | None = None) -> VideoKey:
     folder = track_file.absolute().parent
     m = _VIDEO.fullmatch(folder.name)
     if m is None:
-        raise JregfixError(f"{track_file}: its folder '{folder.name}' is not a Human3.6M video "
-                           "name '<action>.<camera>' (e.g. 'Directions 1.54138969'); keep the "
-                           "demo's per-video folders, or use --frame-ids rows")
-    found = m.group(1) or next((p.name for p in folder.parents if _SUBJECT.fullmatch(p.name)),
-                               None)
+        raise JregfixError(
+            f"{track_file}: its folder '{folder.name}' is not a Human3.6M video "
+            "name '<action>.<camera>' (e.g. 'Directions 1.54138969'); keep the "
+            "demo's per-video folders, or use --frame-ids rows"
+        )
+    found = m.group(1) or next((p.name for p in folder.parents if _SUBJECT.fullmatch(p.name)), None)
     if found and subject and found != subject:
-        raise JregfixError(f"{track_file}: the path says subject {found} but --subject says "
-                           f"{subject}; drop --subject or fix the folder")
+        raise JregfixError(
+            f"{track_file}: the path says subject {found} but --subject says "
+            f"{subject}; drop --subject or fix the folder"
+        )
     found = found or subject
     if not found:
-        raise JregfixError(f"{track_file}: cannot tell the subject of video '{folder.name}' "
-                           "(Human3.6M video names do not contain it); put the video folders "
-                           "under a folder named like S9, or pass --subject")
+        raise JregfixError(
+            f"{track_file}: cannot tell the subject of video '{folder.name}' "
+            "(Human3.6M video names do not contain it); put the video folders "
+            "under a folder named like S9, or pass --subject"
+        )
     if not _SUBJECT.fullmatch(found):
         raise JregfixError(f"--subject {found!r}: expected a Human3.6M subject like S9 or S11")
     return VideoKey(found, m.group(2), m.group(3))
+
+
+def save_tracks(path: str | Path, tracks: dict, writer: str) -> None:
+    """Write a {track_id: {key: array}} track file atomically the way the tools write theirs:
+    ``writer`` "joblib" (VIBE's demo: ``joblib.dump``) or "pickle" (MEVA's: ``pickle.dump``)."""
+    from jregfix.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if writer == "joblib":
+            import joblib
+
+            joblib.dump(tracks, tmp)
+        elif writer == "pickle":
+            with open(tmp, "wb") as fh:
+                pickle.dump(tracks, fh, protocol=4)
+        else:
+            raise JregfixError(f"unknown track writer {writer!r}: joblib or pickle")

@@ -18,12 +18,17 @@ class PoseDiscriminator(nn.Module):
     def __init__(self, num_joints: int = 24, embed: int = 32, hidden: int = 1024):
         super().__init__()
         self.num_joints = num_joints
-        self.embed = nn.Sequential(nn.Conv2d(6, embed, 1), nn.ReLU(), nn.Conv2d(embed, embed, 1),
-                                   nn.ReLU())
+        self.embed = nn.Sequential(
+            nn.Conv2d(6, embed, 1), nn.ReLU(), nn.Conv2d(embed, embed, 1), nn.ReLU()
+        )
         self.joint_heads = nn.ModuleList(nn.Linear(embed, 1) for _ in range(num_joints))
-        self.global_head = nn.Sequential(nn.Linear(embed * num_joints, hidden), nn.ReLU(),
-                                         nn.Linear(hidden, hidden), nn.ReLU(),
-                                         nn.Linear(hidden, 1))
+        self.global_head = nn.Sequential(
+            nn.Linear(embed * num_joints, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
 
     def forward(self, rot6d: torch.Tensor) -> torch.Tensor:
         b = rot6d.shape[0]
@@ -39,8 +44,9 @@ class ShapeDiscriminator(nn.Module):
 
     def __init__(self, num_betas: int = 10):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_betas, 10), nn.ReLU(), nn.Linear(10, 5), nn.ReLU(),
-                                 nn.Linear(5, 1))
+        self.net = nn.Sequential(
+            nn.Linear(num_betas, 10), nn.ReLU(), nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1)
+        )
 
     def forward(self, betas: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(betas))
@@ -48,7 +54,7 @@ class ShapeDiscriminator(nn.Module):
 
 def lsgan_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Least-squares GAN loss for the discriminator: real -> 1, fake -> 0."""
-    return ((real - 1) ** 2).mean() + (fake ** 2).mean()
+    return ((real - 1) ** 2).mean() + (fake**2).mean()
 
 
 def lsgan_generator_loss(fake: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,10 @@ from torch import nn
 
 from jregfix.body.rotations import rot6d_to_rotmat
 from jregfix.errors import JregfixError
+from jregfix.geometry.camera import IMG_RES
 from jregfix.io.atomic import read_npz
 from jregfix.io.budget import check_numbers
 
-IMG_RES = 224
 IMG_NORM_MEAN = (0.485, 0.456, 0.406)
 IMG_NORM_STD = (0.229, 0.224, 0.225)
 NUM_POSE_6D = 24 * 6
@@ -42,13 +42,27 @@ class HMR(nn.Module):
     starting estimate; build with :func:`build_hmr` to fill them from smpl_mean_params.npz.
     """
 
+    init_pose: torch.Tensor
+    init_shape: torch.Tensor
+    init_cam: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         from torchvision.models import resnet50
 
         backbone = resnet50(weights=None)
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, getattr(backbone, name))
+        self.conv1, self.bn1, self.relu, self.maxpool = (
+            backbone.conv1,
+            backbone.bn1,
+            backbone.relu,
+            backbone.maxpool,
+        )
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            backbone.layer1,
+            backbone.layer2,
+            backbone.layer3,
+            backbone.layer4,
+        )
         self.avgpool = nn.AvgPool2d(7, stride=1)  # SPIN's pooling: valid for 224x224 input only
         feat = 512 * 4
         self.fc1 = nn.Linear(feat + NUM_POSE_6D + NUM_BETAS + 3, 1024)
@@ -102,8 +116,11 @@ def load_mean_params(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     arrays = read_npz(path, "mean-parameter file (SPIN's data/smpl_mean_params.npz)")
     out = {}
-    for key, buf, size in (("pose", "init_pose", 144), ("shape", "init_shape", 10),
-                           ("cam", "init_cam", 3)):
+    for key, buf, size in (
+        ("pose", "init_pose", 144),
+        ("shape", "init_shape", 10),
+        ("cam", "init_cam", 3),
+    ):
         if key not in arrays:
             raise JregfixError(f"{path}: missing key '{key}'; found {sorted(arrays)}")
         if arrays[key].size != size:
@@ -127,9 +144,12 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
-def load_hmr_state(model: HMR, state: dict[str, torch.Tensor],
-                   mean_params: dict[str, torch.Tensor] | None = None,
-                   source: str = "<checkpoint>") -> LoadReport:
+def load_hmr_state(
+    model: HMR,
+    state: dict[str, torch.Tensor],
+    mean_params: dict[str, torch.Tensor] | None = None,
+    source: str = "<checkpoint>",
+) -> LoadReport:
     """Load ``state`` strictly into ``model``; raise :class:`JregfixError` on any mismatch.
 
     Tolerated absences, reported in ``filled``: the mean buffers ``init_*`` (taken from
@@ -143,7 +163,8 @@ def load_hmr_state(model: HMR, state: dict[str, torch.Tensor],
         if key in state:
             if tuple(state[key].shape) != tuple(ref.shape):
                 report.mismatched.append(
-                    f"{key}: {tuple(state[key].shape)} vs expected {tuple(ref.shape)}")
+                    f"{key}: {tuple(state[key].shape)} vs expected {tuple(ref.shape)}"
+                )
             merged[key] = state[key]
         elif key in MEAN_BUFFERS and mean_params is not None:
             merged[key] = mean_params[key]
@@ -156,8 +177,11 @@ def load_hmr_state(model: HMR, state: dict[str, torch.Tensor],
     report.unexpected = [k for k in state if k not in expected]
     if not report.ok:
         parts = []
-        for name, keys in (("missing", report.missing), ("unexpected", report.unexpected),
-                           ("wrong shape", report.mismatched)):
+        for name, keys in (
+            ("missing", report.missing),
+            ("unexpected", report.unexpected),
+            ("wrong shape", report.mismatched),
+        ):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {name}: {', '.join(keys[:5])}{more}")
@@ -169,8 +193,9 @@ def load_hmr_state(model: HMR, state: dict[str, torch.Tensor],
     return report
 
 
-def build_hmr(checkpoint: str | Path | dict[str, torch.Tensor],
-              mean_params: str | Path | None = None) -> tuple[HMR, LoadReport]:
+def build_hmr(
+    checkpoint: str | Path | dict[str, torch.Tensor], mean_params: str | Path | None = None
+) -> tuple[HMR, LoadReport]:
     """HMR in eval mode with weights from ``checkpoint`` (a file or a state_dict).
 
     The mean buffers come from the checkpoint when present, else from ``mean_params``.

@@ -24,11 +24,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from jregfix.errors import JregfixError
+
+if TYPE_CHECKING:  # annotations only: the functions below import torchvision when they run
+    from torchvision.models.detection import MaskRCNN
 
 TORCHVISION_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 TORCHVISION_URL = "https://download.pytorch.org/models/" + TORCHVISION_FILE
@@ -59,10 +63,11 @@ def identify_state_dict(keys: Iterable[str]) -> tuple[str | None, str]:
     if "roi_heads.mask_predictor.mask_fcn_logits.weight" in keys:
         if v2_heads:
             return "v2", MASKRCNN_V2
-        if any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked")
-               for k in keys):
-            return None, ("a Mask R-CNN R50-FPN built with trainable BatchNorm2d (it has "
-                          "num_batches_tracked), not the COCO release's frozen batch norm")
+        if any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in keys):
+            return None, (
+                "a Mask R-CNN R50-FPN built with trainable BatchNorm2d (it has "
+                "num_batches_tracked), not the COCO release's frozen batch norm"
+            )
         return "v1", MASKRCNN_V1
     if "roi_heads.box_predictor.cls_score.weight" in keys:
         return None, f"torchvision's Faster R-CNN{' v2' if v2_heads else ''} (no mask head)"
@@ -93,20 +98,25 @@ def current_name(key: str) -> str:
     return key
 
 
-def _architecture(variant: str, min_size: int, max_size: int) -> torch.nn.Module:
+def _architecture(variant: str, min_size: int, max_size: int) -> MaskRCNN:
     """The module tree torchvision builds for that release's weights (random initialisation)."""
     from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     if variant == "v2":
-        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None,
-                                        num_classes=COCO_CLASSES, min_size=min_size,
-                                        max_size=max_size)
+        return maskrcnn_resnet50_fpn_v2(
+            weights=None,
+            weights_backbone=None,
+            num_classes=COCO_CLASSES,
+            min_size=min_size,
+            max_size=max_size,
+        )
     # maskrcnn_resnet50_fpn(weights=None) would use BatchNorm2d: frozen norms only come with
     # weights it downloads, so the same tree is assembled here from its public parts.
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                   norm_layer=FrozenBatchNorm2d)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d
+    )
     model = MaskRCNN(backbone, num_classes=COCO_CLASSES, min_size=min_size, max_size=max_size)
     for module in model.modules():
         if isinstance(module, FrozenBatchNorm2d):
@@ -126,13 +136,19 @@ def read_maskrcnn_weights(path: str | Path) -> tuple[str, dict[str, torch.Tensor
     state = load_state_dict_file(path)
     variant, what = identify_state_dict(state)
     if variant is None:
-        raise JregfixError(f"{path}: looks like {what}, not torchvision's Mask R-CNN COCO "
-                           f"weights; pass --weights {TORCHVISION_FILE} ({TORCHVISION_URL})")
+        raise JregfixError(
+            f"{path}: looks like {what}, not torchvision's Mask R-CNN COCO "
+            f"weights; pass --weights {TORCHVISION_FILE} ({TORCHVISION_URL})"
+        )
     return variant, {current_name(k): v for k, v in state.items()}
 
 
-def build_maskrcnn(weights: str | Path | None = None, random_seed: int | None = None,
-                   min_size: int = 800, max_size: int = 1333) -> torch.nn.Module:
+def build_maskrcnn(
+    weights: str | Path | None = None,
+    random_seed: int | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> MaskRCNN:
     """Mask R-CNN R50-FPN in eval mode, strictly loaded with a COCO release.
 
     ``weights``: a state_dict file (default: torchvision's cache file); v1 or v2 is chosen from
@@ -156,19 +172,25 @@ def build_maskrcnn(weights: str | Path | None = None, random_seed: int | None = 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong:
-        raise JregfixError(f"{path}: looks like {identify_state_dict(state)[1]} but does not "
-                           f"match its COCO release: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}, wrong shape {wrong[:2]}; use the unmodified "
-                           f"{TORCHVISION_FILE} ({TORCHVISION_URL})")
+        raise JregfixError(
+            f"{path}: looks like {identify_state_dict(state)[1]} but does not "
+            f"match its COCO release: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:2]}; use the unmodified "
+            f"{TORCHVISION_FILE} ({TORCHVISION_URL})"
+        )
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-def detect_people(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
-                  score_threshold: float = 0.5) -> list[dict[str, np.ndarray]]:
+def detect_people(
+    model: MaskRCNN, images: list[np.ndarray], device: torch.device, score_threshold: float = 0.5
+) -> list[dict[str, np.ndarray]]:
     """Person detections for uint8 RGB images (H,W,3).
 
     Returns per image ``boxes`` (K,4) x0,y0,x1,y1 in image pixels, ``scores`` (K,) and
@@ -179,8 +201,9 @@ def detect_people(model: torch.nn.Module, images: list[np.ndarray], device: torc
     """
     from torchvision.models.detection.roi_heads import maskrcnn_inference
 
-    tensors = [torch.tensor(im, device=device).permute(2, 0, 1).float().div_(255.0)
-               for im in images]
+    tensors = [
+        torch.tensor(im, device=device).permute(2, 0, 1).float().div_(255.0) for im in images
+    ]
     sizes = [tuple(t.shape[-2:]) for t in tensors]
     heads = model.roi_heads
     with torch.inference_mode():
@@ -189,10 +212,13 @@ def detect_people(model: torch.nn.Module, images: list[np.ndarray], device: torc
         proposals, _ = model.rpn(batch, features)
         feats = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
         logits, regression = heads.box_predictor(feats)
-        boxes, scores, labels = heads.postprocess_detections(logits, regression, proposals,
-                                                             batch.image_sizes)
-        keep = [(lab == COCO_PERSON) & (sc >= score_threshold) for lab, sc in zip(labels, scores,
-                                                                                  strict=True)]
+        boxes, scores, labels = heads.postprocess_detections(
+            logits, regression, proposals, batch.image_sizes
+        )
+        keep = [
+            (lab == COCO_PERSON) & (sc >= score_threshold)
+            for lab, sc in zip(labels, scores, strict=True)
+        ]
         boxes = [b[k] for b, k in zip(boxes, keep, strict=True)]
         scores = [s[k] for s, k in zip(scores, keep, strict=True)]
         labels = [lab[k] for lab, k in zip(labels, keep, strict=True)]
@@ -202,13 +228,19 @@ def detect_people(model: torch.nn.Module, images: list[np.ndarray], device: torc
         else:
             size = heads.mask_roi_pool.output_size
             probs = [torch.zeros((0, 1, size[0] * 2, size[1] * 2), device=device) for _ in boxes]
-        kept = [{"boxes": b, "scores": s, "labels": lab, "masks": m}
-                for b, s, lab, m in zip(boxes, scores, labels, probs, strict=True)]
+        kept = [
+            {"boxes": b, "scores": s, "labels": lab, "masks": m}
+            for b, s, lab, m in zip(boxes, scores, labels, probs, strict=True)
+        ]
         kept = model.transform.postprocess(kept, batch.image_sizes, sizes)
     out = []
     for det in kept:
         order = torch.argsort(det["scores"], descending=True)
-        out.append({"boxes": det["boxes"][order].float().cpu().numpy(),
-                    "scores": det["scores"][order].float().cpu().numpy(),
-                    "masks": det["masks"][order, 0].float().cpu().numpy()})
+        out.append(
+            {
+                "boxes": det["boxes"][order].float().cpu().numpy(),
+                "scores": det["scores"][order].float().cpu().numpy(),
+                "masks": det["masks"][order, 0].float().cpu().numpy(),
+            }
+        )
     return out

@@ -1,4 +1,5 @@
-"""Differentiable silhouettes in pure PyTorch: soft (SoftRas) and hard masks, chamfer loss."""
+"""Differentiable silhouettes (PyTorch, and numba kernels on the CPU): soft (SoftRas) and hard
+masks, chamfer loss."""
 
 from jregfix.render.chamfer import chamfer_silhouette_loss, contour_points
 from jregfix.render.silhouette import (

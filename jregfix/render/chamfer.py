@@ -34,8 +34,13 @@ def _crack_candidates(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     then those between rows i and i + 1 at (j + 0.5, i + 1).
     """
     b, h, w = mask.shape
-    flags = torch.cat([(mask[:, :, :-1] != mask[:, :, 1:]).reshape(b, -1),
-                       (mask[:, :-1, :] != mask[:, 1:, :]).reshape(b, -1)], 1)
+    flags = torch.cat(
+        [
+            (mask[:, :, :-1] != mask[:, :, 1:]).reshape(b, -1),
+            (mask[:, :-1, :] != mask[:, 1:, :]).reshape(b, -1),
+        ],
+        1,
+    )
     ys, xs = (torch.arange(n, dtype=torch.float32, device=mask.device) for n in (h, w))
     between_cols = torch.stack(torch.broadcast_tensors(xs[None, 1:], ys[:, None] + 0.5), -1)
     between_rows = torch.stack(torch.broadcast_tensors(xs[None, :] + 0.5, ys[1:, None]), -1)
@@ -115,8 +120,9 @@ def chamfer_silhouette_loss(
     """
     if target.dim() != 3 or target.shape[0] != vertices.shape[0]:
         raise JregfixError(
-            f"target must be (B, H, W) with B = {vertices.shape[0]}, got {tuple(target.shape)}")
-    h, w = image_hw(tuple(target.shape[1:]))
+            f"target must be (B, H, W) with B = {vertices.shape[0]}, got {tuple(target.shape)}"
+        )
+    h, w = image_hw((target.shape[1], target.shape[2]))
     if cam_t is not None:
         vertices = vertices + cam_t[:, None, :]
     faces = faces.to(device=vertices.device, dtype=torch.long)

@@ -53,7 +53,8 @@ def screen_triangles(
         raise JregfixError(f"faces must be (F, 3), got {tuple(faces.shape)}")
     if camera.batch_size != vertices.shape[0]:
         raise JregfixError(
-            f"camera has batch size {camera.batch_size} but vertices {vertices.shape[0]}")
+            f"camera has batch size {camera.batch_size} but vertices {vertices.shape[0]}"
+        )
     if cam_t is not None:
         vertices = vertices + cam_t[:, None, :]
     safe, front = in_front(vertices, z_near)
@@ -115,7 +116,12 @@ def rect_sums(
 
 
 def box_pairs(
-    x0: torch.Tensor, y0: torch.Tensor, nx: torch.Tensor, ny: torch.Tensor, h: int, w: int,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+    nx: torch.Tensor,
+    ny: torch.Tensor,
+    h: int,
+    w: int,
     max_pairs: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Every (face, pixel) pair of the boxes from :func:`pixel_ranges`, as one flat list cut
@@ -134,11 +140,14 @@ def box_pairs(
     if total == 0:
         return
     if b * h * w >= 2**31:
-        raise JregfixError(f"{b} images of {h}x{w} px exceed the renderer's 2^31 pixels per "
-                           "call; render the batch in parts")
+        raise JregfixError(
+            f"{b} images of {h}x{w} px exceed the renderer's 2^31 pixels per "
+            "call; render the batch in parts"
+        )
     # Pair -> face; int32 halves the memory of this (and the saved backward) list.
     face_of = torch.arange(b * f, dtype=torch.int32, device=nx.device).repeat_interleave(
-        counts, output_size=total)
+        counts, output_size=total
+    )
     image = torch.arange(b * f, device=nx.device) // f
     # Per face: first pair, box width, box corner, first pixel of its image.
     info = torch.stack([ends - counts, nx, x0.reshape(-1), y0.reshape(-1), image * (h * w)], 1)
@@ -156,14 +165,12 @@ def box_pairs(
 def inside_triangles(corners: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     """Are points (px, py) (n,) inside or on triangles with corners (6, n) = x0, x1, x2, y0, y1,
     y2 (either orientation)?"""
-    cmin = cmax = None
+    crosses = []
     for i in range(3):
         ax, ay = corners[i], corners[3 + i]
         ex, ey = corners[(i + 1) % 3] - ax, corners[3 + (i + 1) % 3] - ay
-        cross = ex * (py - ay) - ey * (px - ax)
-        if cmin is None:
-            cmin = cmax = cross
-        else:
-            cmin, cmax = torch.minimum(cmin, cross), torch.maximum(cmax, cross)
+        crosses.append(ex * (py - ay) - ey * (px - ax))
+    cmin = torch.minimum(torch.minimum(crosses[0], crosses[1]), crosses[2])
+    cmax = torch.maximum(torch.maximum(crosses[0], crosses[1]), crosses[2])
     # Edge functions of one sign (zero allowed) <=> inside or on the boundary.
     return cmin * cmax >= 0

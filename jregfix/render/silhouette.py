@@ -1,4 +1,4 @@
-"""Soft (differentiable) and hard silhouettes of triangle meshes, sparse, in pure PyTorch.
+"""Soft (differentiable) and hard silhouettes of triangle meshes, sparse: PyTorch and CPU kernels.
 
 Semantics (SoftRas, Liu et al. 2019; PyTorch3D's soft silhouette). For pixel centre p and a
 projected face f with squared distance d2 (px^2) from p to the triangle (0 inside),
@@ -16,8 +16,20 @@ Cut-off. Face f is evaluated only on the pixels whose centres lie in its project
 grown by the margin r = sqrt(sigma ln((1 - c) / c)), c = ``cutoff``; every skipped pair has
 D < c. If k faces are skipped at a pixel, 0 <= A_exact - A <= 1 - (1 - c)^k <= k c. Because D
 also decays like exp(-d2 / sigma) beyond r, the sum over the skipped faces stays a small
-multiple of c in practice (tests/test_render_soft.py measures it; we document <= 10 c). The
-default c = 1e-4 gives r = 3.03 sqrt(sigma) px.
+multiple of c: <= 10 c on small meshes (tests/test_render_soft.py), but up to ~50 c (5.2e-3 at
+sigma = 1, 8e-4 at sigma = 0.1, c = 1e-4) at the outline of a 13776-face body at 224^2, where
+many edge-on faces crowd just beyond r. The default c = 1e-4 gives r = 3.03 sqrt(sigma) px.
+
+Backends. The pure-PyTorch pair list below runs anywhere (GPUs) and is the reference. On the
+CPU, float32 / float64 tensors go by default to compiled numba kernels (:mod:`.kernels`,
+``backend="torch"`` or $JREGFIX_RENDER_BACKEND=torch forces the PyTorch path). They prune by
+geometry instead of rounded boxes: a pair is kept iff its pixel centre is inside the triangle or
+within r' of it, r' the margin of c / 10 (r' = 3.39 sqrt(sigma) px at c = 1e-4). The same bound
+holds with c / 10 for the skipped pairs, and in practice the kernels are closer to exact SoftRas
+than the PyTorch path: on the bodies above, max |A - A_exact| <= 6.2e-4 (sigma = 1) and 3e-4
+(sigma = 0.1), so the two paths differ by up to ~5e-3 at the outline and agree elsewhere
+(tests/test_render_kernel.py). Evaluated on the same pairs, they agree to rounding. Hard masks
+are identical.
 
 Interior (``interior="hard"``, the default, for speed). Pixels deeper than ceil(r) + 1 px
 (chessboard distance) inside the hard silhouette are set to exactly 1 with zero gradient, and
@@ -35,8 +47,8 @@ towards a slightly smaller body; a smaller sigma reduces the bias.
 
 Faces with a vertex at z <= Z_NEAR (behind or at the camera) are dropped; pixels are clipped to
 the image. Memory stays bounded: the (face, pixel) pairs form one flat list evaluated in chunks
-of ``max_pairs`` pairs, and the backward pass keeps 32 bytes per pair (float32); nothing ever
-has the size pixels x faces.
+of ``max_pairs`` pairs, and the backward pass keeps 32 bytes per pair (float32; the kernels
+keep none); nothing ever has the size pixels x faces.
 
 GPU. The work is a fixed sequence of vectorised ops per chunk, so a forward + backward costs a
 few hundred kernel launches whatever the mesh, and the host reads only the pair counts (two
@@ -50,12 +62,14 @@ ops then switch to ordered kernels).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from jregfix.errors import JregfixError
 from jregfix.geometry.camera import PinholeCamera
+from jregfix.render import kernels
 from jregfix.render.raster import (
     box_pairs,
     image_hw,
@@ -69,6 +83,7 @@ DEFAULT_SIGMA = 1.0  # px^2
 DEFAULT_CUTOFF = 1e-4
 MAX_PAIRS = 1 << 17  # pairs per chunk on the CPU: the temporaries stay cache-resident
 MAX_PAIRS_GPU = 1 << 22  # on a GPU: few launches; ~250 bytes of temporaries per pair
+KERNEL_CUTOFF_DIVISOR = 10  # the CPU kernels keep pairs down to D = cutoff / 10 (docstring)
 
 
 def default_max_pairs(device: torch.device) -> int:
@@ -81,6 +96,32 @@ def blur_margin(sigma: float, cutoff: float) -> float:
     if not 0.0 < cutoff < 0.5:
         raise JregfixError(f"cutoff must be in (0, 0.5), got {cutoff}")
     return math.sqrt(sigma * math.log((1.0 - cutoff) / cutoff))
+
+
+BACKENDS = ("auto", "torch", "numba")
+BACKEND_ENV = "JREGFIX_RENDER_BACKEND"
+
+
+def use_kernel(backend: str | None, tensor: torch.Tensor) -> bool:
+    """Render ``tensor``'s batch with the compiled CPU kernels (True) or PyTorch ops (False)?
+
+    ``backend`` None reads $JREGFIX_RENDER_BACKEND (default "auto": the kernels for float32 /
+    float64 CPU tensors when numba imports, PyTorch otherwise); "torch" forces the PyTorch
+    path; "numba" requires the kernels."""
+    backend = backend or os.environ.get(BACKEND_ENV, "").strip() or "auto"
+    if backend not in BACKENDS:
+        raise JregfixError(
+            f"renderer backend must be one of {BACKENDS}, got {backend!r} "
+            f"(argument or ${BACKEND_ENV})"
+        )
+    # A tensor's device property (not storage) decides: tests' GPU stand-ins report "cuda".
+    fits = tensor.device.type == "cpu" and tensor.dtype in kernels.DTYPES
+    if backend == "numba" and not (kernels.AVAILABLE and fits):
+        raise JregfixError(
+            "renderer backend 'numba' needs the numba package and float32/float64 CPU tensors"
+            f" (got {tensor.dtype} on {tensor.device}); install numba or use backend 'torch'"
+        )
+    return backend != "torch" and kernels.AVAILABLE and fits
 
 
 def _erode(mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,8 +138,13 @@ def _face_table(tri: torch.Tensor) -> torch.Tensor:
     a = tri.reshape(-1, 3, 2)
     e = a.roll(-1, 1) - a
     e_scaled = e / (e * e).sum(-1, keepdim=True).clamp(min=1e-12)
-    return torch.cat([a[..., 0], a[..., 1], e[..., 0], e[..., 1],
-                      e_scaled[..., 0], e_scaled[..., 1]], 1).t().contiguous()
+    return (
+        torch.cat(
+            [a[..., 0], a[..., 1], e[..., 0], e[..., 1], e_scaled[..., 0], e_scaled[..., 1]], 1
+        )
+        .t()
+        .contiguous()
+    )
 
 
 def _gather_columns(table: torch.Tensor, face: torch.Tensor):
@@ -163,45 +209,54 @@ def _pair_terms(rows, px, py, sigma, need_grad):
 
 
 class _SoftCoverage(torch.autograd.Function):
-    """tri (B, F, 3, 2) -> coverage A (B, H, W), with a hand-written sparse backward."""
+    """tri (B, F, 3, 2) -> coverage A (B, H, W), with a hand-written sparse backward.
+
+    Boxes are grown by ``margin``. ``reach`` None: the PyTorch pair list over rounded-up
+    boxes. A float: the compiled kernels over exact boxes, skipping the pairs outside their
+    triangle by more than ``reach`` px (inf: none; with ``round_up`` the kernels then see the
+    PyTorch path's pairs, for tests)."""
 
     @staticmethod
-    def forward(ctx, tri, valid, h, w, sigma, margin, deep, max_pairs):
+    def forward(ctx, tri, valid, h, w, sigma, margin, deep, max_pairs, reach=None, round_up=False):
         b, f = valid.shape
-        # Rounded-up boxes: their extra pairs (each below the cut-off) add up to a few 1e-3 at
-        # a body's outline, where many edge-on faces crowd (SMPL-size mesh, sigma 0.1, 224^2),
-        # and keep the numbers of the earlier grouped renderer.
-        x0, y0, nx, ny = pixel_ranges(tri, valid, h, w, margin, round_up=True)
-        if deep is not None:
-            # Faces whose grown box lies entirely in the deep interior do not contribute.
-            nx = nx * (rect_sums(~deep, x0, y0, nx, ny) > 0)
-        table = _face_table(tri)
-        logsum = tri.new_zeros(b * h * w)
-        need_grad = ctx.needs_input_grad[0]
-        saved = []
-        for face, pix, col, row in box_pairs(x0, y0, nx, ny, h, w, max_pairs):
-            px = col.to(tri.dtype).add_(0.5)
-            py = row.to(tri.dtype).add_(0.5)
-            logterm, dlog = _pair_terms(_gather_columns(table, face), px, py, sigma, need_grad)
-            logsum.scatter_add_(0, pix, logterm)
-            if need_grad:
-                saved.append((face, pix.int(), dlog))
-        one_minus = logsum.exp()
+        ctx.kernel = reach is not None
+        if ctx.kernel:
+            # Pixels, not faces, are tested against the deep interior: cheap in a loop.
+            ctx.boxes = (
+                kernels.stack_boxes(*pixel_ranges(tri, valid, h, w, margin, True))
+                if round_up
+                else kernels.face_boxes(tri, valid, h, w, margin)
+            )
+            ctx.sigma, ctx.reach = sigma, reach
+            one_minus = kernels.soft_one_minus(tri, ctx.boxes, deep, h, w, sigma, reach)
+            one_minus = one_minus.view(-1).to(tri.dtype)
+        else:
+            # Rounded-up boxes: their extra pairs (each below the cut-off) add up to a few 1e-3
+            # at a body's outline, where many edge-on faces crowd (SMPL-size mesh, sigma 0.1,
+            # 224^2), and keep the numbers of the earlier grouped renderer.
+            x0, y0, nx, ny = pixel_ranges(tri, valid, h, w, margin, round_up=True)
+            if deep is not None:
+                # Faces whose grown box lies entirely in the deep interior do not contribute.
+                nx = nx * (rect_sums(~deep, x0, y0, nx, ny) > 0)
+            one_minus = _torch_logsum(ctx, tri, (x0, y0, nx, ny), h, w, sigma, max_pairs).exp()
         cover = 1.0 - one_minus
         if deep is not None:
             # Deep pixels may still receive terms from boundary faces: overwrite, no gradient.
             cover = cover.masked_fill(deep.view(-1), 1.0)
             one_minus = one_minus.masked_fill(deep.view(-1), 0.0)
-        ctx.saved_pairs = saved
         ctx.tri_shape = tri.shape
-        ctx.save_for_backward(one_minus)
+        ctx.save_for_backward(one_minus, tri)
         return cover.view(b, h, w)
 
     @staticmethod
     def backward(ctx, grad_cover):
-        (one_minus,) = ctx.saved_tensors
+        one_minus, tri = ctx.saved_tensors
         # dA / d(sum of log(1 - D)) = -(1 - A) at every pixel.
         g_log = -(grad_cover.reshape(-1) * one_minus)
+        if ctx.kernel:
+            g_log = g_log.view(grad_cover.shape).double()
+            grad = kernels.soft_grad(tri, ctx.boxes, g_log, ctx.sigma, ctx.reach)
+            return grad.to(tri.dtype), None, None, None, None, None, None, None, None, None
         grad = one_minus.new_zeros(6, math.prod(ctx.tri_shape[:2]))
         for face, pix, dlog in ctx.saved_pairs:
             contrib = dlog * g_log.index_select(0, pix)
@@ -211,7 +266,25 @@ class _SoftCoverage(torch.autograd.Function):
             else:  # one launch
                 grad.index_add_(1, face, contrib)
         grad = grad.t().reshape(*ctx.tri_shape[:2], 2, 3).transpose(-1, -2)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _torch_logsum(ctx, tri, boxes, h, w, sigma, max_pairs) -> torch.Tensor:
+    """Sum of log(1 - D) per pixel (B*H*W,) over every pair of the boxes, in PyTorch ops;
+    keeps (face, pixel, dlog) per chunk in ``ctx.saved_pairs`` when a gradient is needed."""
+    table = _face_table(tri)
+    logsum = tri.new_zeros(tri.shape[0] * h * w)
+    need_grad = ctx.needs_input_grad[0]
+    ctx.saved_pairs = []
+    x0, y0, nx, ny = boxes
+    for face, pix, col, row in box_pairs(x0, y0, nx, ny, h, w, max_pairs):
+        px = col.to(tri.dtype).add_(0.5)
+        py = row.to(tri.dtype).add_(0.5)
+        logterm, dlog = _pair_terms(_gather_columns(table, face), px, py, sigma, need_grad)
+        logsum.scatter_add_(0, pix, logterm)
+        if need_grad:
+            ctx.saved_pairs.append((face, pix.int(), dlog))
+    return logsum
 
 
 def soft_silhouette(
@@ -224,6 +297,7 @@ def soft_silhouette(
     cutoff: float = DEFAULT_CUTOFF,
     interior: str = "hard",
     max_pairs: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Differentiable SoftRas silhouette (see the module docstring) -> (B, H, W) in [0, 1].
 
@@ -231,7 +305,8 @@ def soft_silhouette(
     coordinates plus ``cam_t`` (B, 3); faces (F, 3) int; ``camera`` B pinhole cameras;
     ``image_size`` int or (H, W); ``sigma`` px^2; ``cutoff`` the skipped-pair bound c;
     ``interior`` "hard" (fast, deep interior = 1) or "soft" (exact SoftRas everywhere);
-    ``max_pairs`` pairs per chunk (default: :func:`default_max_pairs`). Gradients flow to
+    ``max_pairs`` pairs per chunk of the PyTorch path (default: :func:`default_max_pairs`);
+    ``backend`` "auto" / "torch" / "numba" (see :func:`use_kernel`). Gradients flow to
     ``vertices`` and ``cam_t`` (and through them to pose, shape, camera).
     """
     if sigma <= 0:
@@ -240,26 +315,33 @@ def soft_silhouette(
         raise JregfixError(f"interior must be 'hard' or 'soft', got {interior!r}")
     h, w = image_hw(image_size)
     margin = blur_margin(sigma, cutoff)
+    kernel = use_kernel(backend, vertices)
     max_pairs = max_pairs or default_max_pairs(vertices.device)
     tri, valid = screen_triangles(vertices, faces, camera, cam_t)
     deep = None
     if interior == "hard":
-        mask = _hard_from_triangles(tri.detach(), valid, h, w, max_pairs)
-        deep = _erode(mask, math.ceil(margin) + 1)
-    return _SoftCoverage.apply(tri, valid, h, w, float(sigma), margin, deep, max_pairs)
+        mask = _hard_from_triangles(tri.detach(), valid, h, w, max_pairs, kernel)
+        deep = (kernels.erode if kernel else _erode)(mask, math.ceil(margin) + 1)
+    if not kernel:
+        return _SoftCoverage.apply(tri, valid, h, w, float(sigma), margin, deep, max_pairs)
+    reach = blur_margin(sigma, cutoff / KERNEL_CUTOFF_DIVISOR)
+    return _SoftCoverage.apply(tri, valid, h, w, float(sigma), reach, deep, max_pairs, reach)
 
 
 def _hard_from_triangles(
-    tri: torch.Tensor, valid: torch.Tensor, h: int, w: int, max_pairs: int
+    tri: torch.Tensor, valid: torch.Tensor, h: int, w: int, max_pairs: int, kernel: bool = False
 ) -> torch.Tensor:
     """Pixels whose centre lies in at least one valid triangle -> (B, H, W) bool."""
+    if kernel:
+        return kernels.hard_mask(tri, valid, h, w)
     b, f = valid.shape
     x0, y0, nx, ny = pixel_ranges(tri, valid, h, w, 0.0)
     corners = tri.transpose(-1, -2).reshape(-1, 6).t().contiguous()  # x0..x2, y0..y2 rows
     hits = tri.new_zeros(b * h * w)
     for face, pix, col, row in box_pairs(x0, y0, nx, ny, h, w, max_pairs):
-        hit = inside_triangles(_gather_columns(corners, face), col.to(tri.dtype).add_(0.5),
-                               row.to(tri.dtype).add_(0.5))
+        hit = inside_triangles(
+            _gather_columns(corners, face), col.to(tri.dtype).add_(0.5), row.to(tri.dtype).add_(0.5)
+        )
         # Counting hits with a float scatter-add is cheaper than boolean indexing (and needs no
         # host sync).
         hits.scatter_add_(0, pix, hit.to(tri.dtype))
@@ -274,12 +356,16 @@ def hard_silhouette(
     image_size: int | tuple[int, int],
     cam_t: torch.Tensor | None = None,
     max_pairs: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Binary silhouette (B, H, W) bool: pixel centres covered by any projected face.
 
     Same inputs as :func:`soft_silhouette`; no gradient. Centres exactly on an edge count as
-    covered, so faces sharing an edge leave no cracks.
+    covered, so faces sharing an edge leave no cracks. Both backends give identical masks.
     """
     h, w = image_hw(image_size)
+    kernel = use_kernel(backend, vertices)
     tri, valid = screen_triangles(vertices, faces, camera, cam_t)
-    return _hard_from_triangles(tri, valid, h, w, max_pairs or default_max_pairs(tri.device))
+    return _hard_from_triangles(
+        tri, valid, h, w, max_pairs or default_max_pairs(tri.device), kernel
+    )

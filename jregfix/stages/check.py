@@ -18,7 +18,9 @@ import re
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,13 +29,12 @@ from jregfix.device import resolve_device
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import read_npz, sha256_file, write_json
 from jregfix.io.legacy_torch import MAGIC_NUMBER
+from jregfix.stages.result import Progress, StageResult, Step
 
 # SPIN's data/smpl_mean_params.npz (fetch_data.sh)
 SPIN_MEAN_PARAMS_SHA256 = "6fd6dd687800da946d0a0492383f973b92ec20f166a0b829775882868c35fcdd"
 SMPL_VERTICES = 6890
 H36M_JOINTS = 17
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -78,12 +79,17 @@ class CheckResult:
 
     def problems(self) -> list[str]:
         """Every problem as one line: file problems first, then failed stages."""
-        return ([p for f in self.files for p in f.problems]
-                + [f"{s.stage}: {s.detail}" for s in self.stages if s.status == "failed"])
+        return [p for f in self.files for p in f.problems] + [
+            f"{s.stage}: {s.detail}" for s in self.stages if s.status == "failed"
+        ]
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "files": [asdict(f) for f in self.files],
-                "stages": [asdict(s) for s in self.stages], "problems": self.problems()}
+        return {
+            "ok": self.ok,
+            "files": [asdict(f) for f in self.files],
+            "stages": [asdict(s) for s in self.stages],
+            "problems": self.problems(),
+        }
 
 
 @dataclass
@@ -104,9 +110,9 @@ class CheckInputs:
 
     def paths(self) -> list[Path]:
         singles = [p for p in (self.images, self.mean_params) if p is not None]
-        return [Path(p) for p in (*self.smpl, *self.gt, *singles, *self.checkpoint,
-                                  *self.weights)] + \
-            [Path(p) for _, p in (*self.predictions, *self.regressors)]
+        return [
+            Path(p) for p in (*self.smpl, *self.gt, *singles, *self.checkpoint, *self.weights)
+        ] + [Path(p) for _, p in (*self.predictions, *self.regressors)]
 
 
 def _naming(path: str, message: str) -> str:
@@ -123,9 +129,15 @@ _PY3_STRINGS = frozenset({"UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICO
 # the writer's sys_info and the object itself, each its own pickle.
 _LEGACY_TORCH_PICKLES = 4
 _MAX_OPCODES = 1_000_000
-_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"),
-               (b"\x78\x01", "zlib"), (b"\x78\x5e", "zlib"), (b"\x78\x9c", "zlib"),
-               (b"\x78\xda", "zlib"))
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bz2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x78\x01", "zlib"),
+    (b"\x78\x5e", "zlib"),
+    (b"\x78\x9c", "zlib"),
+    (b"\x78\xda", "zlib"),
+)
 _CUDA_TAG = re.compile(r"^cuda(:\d+)?$")
 
 
@@ -151,8 +163,7 @@ class PickleTraits:
 
     def describe(self) -> str:
         parts = [self.python] if self.python else []
-        parts.append(f"protocol {self.protocol}" if self.protocol is not None
-                     else "protocol 0/1")
+        parts.append(f"protocol {self.protocol}" if self.protocol is not None else "protocol 0/1")
         return ", ".join(parts)
 
 
@@ -168,12 +179,12 @@ def _scan(fh, traits: PickleTraits, budget: list[int]) -> list[int]:
         if name == "PROTO" and traits.protocol is None:
             traits.protocol = arg
         elif name == "LONG1":
-            longs.append(arg)
+            longs.append(cast(int, arg))  # LONG1 always decodes to an int
         elif name in _PY2_STRINGS:
             traits.py2_strings = True
         elif name in _PY3_STRINGS:
             traits.py3_strings = True
-        elif name == "INT" and not isinstance(arg, bool) and abs(arg) >= 2 ** 31:
+        elif name == "INT" and type(arg) is int and abs(arg) >= 2**31:
             traits.text_ints += 1
         if isinstance(arg, str) and name != "GLOBAL":
             strings = (strings + [arg])[-2:]
@@ -239,6 +250,7 @@ def sniff(path: Path) -> tuple[str, PickleTraits | None]:
 
 # --- one inspector per role -------------------------------------------------------------------
 
+
 def _shape(a) -> list[int]:
     return [int(s) for s in (a.shape if hasattr(a, "shape") else np.shape(a))]
 
@@ -265,15 +277,23 @@ def inspect_smpl(path: Path) -> tuple[Finding, dict | None]:
         finding.format = "smplx npz"
     elif traits is not None:
         chumpy = any(g.startswith("chumpy") for g in traits.globals)
-        finding.format = (f"SMPL {'chumpy pickle' if chumpy else 'pickle without chumpy'} "
-                          f"({traits.describe()})")
+        finding.format = (
+            f"SMPL {'chumpy pickle' if chumpy else 'pickle without chumpy'} ({traits.describe()})"
+        )
     try:
         model = load_smpl_file(path)
     except JregfixError as exc:
         finding.problem(str(exc))
         return finding, None
-    for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "f",
-                "kintree_table"):
+    for key in (
+        "v_template",
+        "shapedirs",
+        "posedirs",
+        "J_regressor",
+        "weights",
+        "f",
+        "kintree_table",
+    ):
         finding.shapes[key] = _shape(model[key])
     vertices = finding.shapes["v_template"][0]
     if vertices != SMPL_VERTICES:
@@ -301,21 +321,30 @@ def inspect_gt(path: Path) -> tuple[Finding, object | None]:
             finding.shapes[key] = _shape(value)
     subjects = sorted(set(data.subjects), key=lambda s: int(s[1:]))
     cameras = sorted(set(data.cameras))
-    finding.format = (f"SPIN H36M npz, {len(data)} rows: {','.join(subjects)}, "
-                      f"{len(cameras)} camera(s)")
+    finding.format = (
+        f"SPIN H36M npz, {len(data)} rows: {','.join(subjects)}, {len(cameras)} camera(s)"
+    )
     if data.S is None:
-        finding.notes.append("no 3D ground truth ('S'): fine for spin/silhouettes, not for "
-                             "evaluate or fit-regressor")
+        finding.notes.append(
+            "no 3D ground truth ('S'): fine for spin/silhouettes, not for evaluate or fit-regressor"
+        )
     if subjects == ["S9", "S11"]:
-        layout = ("h36m_valid_protocol2" if cameras == [P2_CAMERA] else
-                  "h36m_valid_protocol1" if cameras == sorted(CAMERAS) else None)
+        layout = (
+            "h36m_valid_protocol2"
+            if cameras == [P2_CAMERA]
+            else "h36m_valid_protocol1"
+            if cameras == sorted(CAMERAS)
+            else None
+        )
         if layout:
             finding.notes.append(f"subjects and cameras as in SPIN's {layout}.npz")
     frames = np.array([k.frame for k in data.keys])
     off_grid = int(((frames - 1) % 5 != 0).sum())
     if off_grid:
-        finding.notes.append(f"{off_grid} row(s) with image numbers not 1 mod 5, unlike SPIN's "
-                             "every-5th-frame extraction")
+        finding.notes.append(
+            f"{off_grid} row(s) with image numbers not 1 mod 5, unlike SPIN's "
+            "every-5th-frame extraction"
+        )
     return finding, data
 
 
@@ -336,9 +365,11 @@ def inspect_images(path: Path, gts: Sequence) -> tuple[Finding, Path | None]:
         missing = [n for n, ok in zip(data.imgname, present, strict=True) if not ok]
         finding.format += f"; {int(present.sum())}/{len(present)} images of {data.path} found"
         if missing:
-            finding.problem(f"{len(missing)} of {len(present)} images of {data.path} are "
-                            f"missing, e.g. {', '.join(missing[:3])}; fix --images, or run the "
-                            "stages with --skip-missing")
+            finding.problem(
+                f"{len(missing)} of {len(present)} images of {data.path} are "
+                f"missing, e.g. {', '.join(missing[:3])}; fix --images, or run the "
+                "stages with --skip-missing"
+            )
     if not gts and next(path.rglob("*.jpg"), None) is None:
         finding.problem("holds no .jpg image")
     return finding, path
@@ -369,8 +400,11 @@ def inspect_checkpoint(path: Path) -> tuple[Finding, dict | None]:
 
 def _torch_format(kind: str, traits: PickleTraits | None, what: str) -> str:
     if kind == "torch-legacy" and traits is not None:
-        extra = [traits.describe()] + (["CUDA storages"] if traits.cuda else []) + \
-            ([f"{traits.text_ints} 64-bit INT opcodes"] if traits.text_ints else [])
+        extra = (
+            [traits.describe()]
+            + (["CUDA storages"] if traits.cuda else [])
+            + ([f"{traits.text_ints} 64-bit INT opcodes"] if traits.text_ints else [])
+        )
         return f"legacy torch {what} ({', '.join(extra)})"
     if kind == "torch-zip" and traits is not None:
         extra = [traits.describe()] + (["CUDA storages"] if traits.cuda else [])
@@ -414,12 +448,16 @@ def inspect_weights(path: Path) -> tuple[Finding, Path | None]:
         return finding, None
     kind, traits = sniff(path)
     finding.format = _torch_format(kind, traits, "state_dict")
+    digest = cast(str, finding.sha256)  # _start hashed it: the file is usable
     claimed = _hash_in_name(path.name)
-    if claimed and not finding.sha256.startswith(claimed):
-        finding.problem(f"sha256 {finding.sha256[:12]}… does not start with {claimed} as its "
-                        "file name says: a corrupt or partial download; fetch it again")
+    if claimed and not digest.startswith(claimed):
+        finding.problem(
+            f"sha256 {digest[:12]}… does not start with {claimed} as its "
+            "file name says: a corrupt or partial download; fetch it again"
+        )
     for release in (TORCHVISION_FILE, TORCHVISION_V2_FILE):
-        if finding.sha256.startswith(_hash_in_name(release)):
+        prefix = _hash_in_name(release)
+        if prefix and digest.startswith(prefix):
             finding.official = f"torchvision {release} (sha256 prefix of its name)"
     try:
         variant, state = read_maskrcnn_weights(path)
@@ -433,8 +471,9 @@ def inspect_weights(path: Path) -> tuple[Finding, Path | None]:
     return finding, path
 
 
-def inspect_regressor(name: str, path: Path, num_vertices: int | None) -> tuple[Finding,
-                                                                                 np.ndarray | None]:
+def inspect_regressor(
+    name: str, path: Path, num_vertices: int | None
+) -> tuple[Finding, np.ndarray | None]:
     from jregfix.io.regressors import HEDLIN_SHA256, load_regressor, regressor_warnings
 
     finding = _start("regressor", path)
@@ -447,8 +486,7 @@ def inspect_regressor(name: str, path: Path, num_vertices: int | None) -> tuple[
         order = "Fortran order" if header.flags.f_contiguous and header.ndim > 1 else "C order"
         finding.format = f"npy {header.dtype} {order}"
     else:
-        finding.format = _torch_format(kind, traits, "tensor") if kind.startswith("torch") \
-            else kind
+        finding.format = _torch_format(kind, traits, "tensor") if kind.startswith("torch") else kind
     try:
         j = load_regressor(path)
     except JregfixError as exc:
@@ -456,17 +494,22 @@ def inspect_regressor(name: str, path: Path, num_vertices: int | None) -> tuple[
         return finding, None
     finding.shapes["J"] = _shape(j)
     if finding.sha256 == HEDLIN_SHA256:
-        finding.official = ("Hedlin et al. released regressor (raw; applied as ReLU + rows "
-                            "renormalised)")
+        finding.official = (
+            "Hedlin et al. released regressor (raw; applied as ReLU + rows renormalised)"
+        )
     vertices = num_vertices or SMPL_VERTICES
     if j.shape != (H36M_JOINTS, vertices):
-        finding.problem(f"shape {tuple(j.shape)}, expected ({H36M_JOINTS}, {vertices}) for "
-                        f"the {'given SMPL model' if num_vertices else 'SMPL mesh'}")
+        finding.problem(
+            f"shape {tuple(j.shape)}, expected ({H36M_JOINTS}, {vertices}) for "
+            f"the {'given SMPL model' if num_vertices else 'SMPL mesh'}"
+        )
     flags = regressor_warnings(j)
     if flags:
         applied = "as ReLU + renormalised rows (its hash)" if finding.official else "as stored"
-        finding.notes.append(f"{'; '.join(flags)}: applied {applied}; `jregfix regressors "
-                             "convert IN OUT --effective` writes the effective form")
+        finding.notes.append(
+            f"{'; '.join(flags)}: applied {applied}; `jregfix regressors "
+            "convert IN OUT --effective` writes the effective form"
+        )
     return finding, j
 
 
@@ -480,8 +523,9 @@ def _infer_method(path: Path) -> str:
     return "spin" if path.suffix == ".npz" else "vibe"
 
 
-def inspect_predictions(method: str | None, path: Path, gt, frame_ids: str = "video",
-                        subject: str | None = None) -> tuple[Finding, object | None]:
+def inspect_predictions(
+    method: str | None, path: Path, gt, frame_ids: str = "video", subject: str | None = None
+) -> tuple[Finding, object | None]:
     """A method's output; with a GT file, how its frames map onto the GT rows (as evaluate
     maps them)."""
     from jregfix.io.tracks import read_tracks, track_files
@@ -496,8 +540,9 @@ def inspect_predictions(method: str | None, path: Path, gt, frame_ids: str = "vi
         if method in ("vibe", "meva"):
             files = track_files(path, method)
             tracks, _ = read_tracks(files[0])
-            n_tracks = len(tracks) if len(files) == 1 else \
-                sum(len(read_tracks(f)[0]) for f in files)
+            n_tracks = (
+                len(tracks) if len(files) == 1 else sum(len(read_tracks(f)[0]) for f in files)
+            )
             kind = sniff(files[0])[0]
             if kind.startswith("compressed:"):
                 kind = f"{kind.split(':')[1]}-compressed joblib"
@@ -505,8 +550,9 @@ def inspect_predictions(method: str | None, path: Path, gt, frame_ids: str = "vi
             finding.format = f"{kind} {method.upper()} output, {where}{n_tracks} track(s)"
             if tracks:
                 first = next(iter(tracks.values()))
-                finding.shapes = {k: _shape(v) for k, v in first.items()
-                                  if isinstance(v, np.ndarray)}
+                finding.shapes = {
+                    k: _shape(v) for k, v in first.items() if isinstance(v, np.ndarray)
+                }
         else:
             finding.format = "npz body parameters"
         if gt is None:
@@ -517,18 +563,24 @@ def inspect_predictions(method: str | None, path: Path, gt, frame_ids: str = "vi
         finding.problem(str(exc))
         return finding, None
     if method not in ("vibe", "meva"):
-        finding.shapes = {k: _shape(v) for k, v in vars(prediction.params).items()
-                          if isinstance(v, np.ndarray) and k != "imgname"}
+        finding.shapes = {
+            k: _shape(v)
+            for k, v in vars(prediction.params).items()
+            if isinstance(v, np.ndarray) and k != "imgname"
+        }
     covered = len(np.unique(prediction.rows))
     finding.format += f"; {covered}/{len(gt)} GT rows covered"
     if covered < len(gt):
-        finding.notes.append(f"{len(gt) - covered} of {len(gt)} GT rows have no prediction: "
-                             "evaluate needs --allow-missing")
+        finding.notes.append(
+            f"{len(gt) - covered} of {len(gt)} GT rows have no prediction: "
+            "evaluate needs --allow-missing"
+        )
     finding.notes.extend(prediction.notes)
     return finding, prediction
 
 
 # --- one frame through each stage -------------------------------------------------------------
+
 
 @dataclass
 class _Frame:
@@ -545,8 +597,7 @@ def _run(stage: str, inputs: list[str], fn: Callable[[], str]) -> StageCheck:
     try:
         return StageCheck(stage, inputs, "ok", fn())
     except (JregfixError, RuntimeError, ValueError) as exc:
-        return StageCheck(stage, inputs, "failed", " ".join(str(exc).split()) or
-                          type(exc).__name__)
+        return StageCheck(stage, inputs, "failed", " ".join(str(exc).split()) or type(exc).__name__)
 
 
 def _skipped(stage: str, inputs: list[str], why: str) -> StageCheck:
@@ -570,8 +621,9 @@ def _synthetic_frame() -> _Frame:
     return _Frame(crop, crop, np.array([112.0, 112.0]), 224 / 200, "synthetic grey ramp")
 
 
-def _hmr_once(state: dict, mean_params: Path | None, source: str, frame: _Frame,
-              device: torch.device) -> str:
+def _hmr_once(
+    state: dict, mean_params: Path | None, source: str, frame: _Frame, device: torch.device
+) -> str:
     from jregfix.models.hmr import HMR, load_hmr_state, load_mean_params, normalize_images
 
     model = HMR()
@@ -586,22 +638,26 @@ def _hmr_once(state: dict, mean_params: Path | None, source: str, frame: _Frame,
     eye = out.rotmat[0] @ out.rotmat[0].transpose(-1, -2)
     ortho = float((eye - torch.eye(3, device=device)).abs().max())
     filled = f"; filled {sorted(report.filled)}" if report.filled else ""
-    return (f"{frame.source}: camera s {float(out.camera[0, 0]):.3f}, |betas| "
-            f"{float(out.betas.norm()):.2f}, rotations orthonormal to {ortho:.0e}{filled}")
+    return (
+        f"{frame.source}: camera s {float(out.camera[0, 0]):.3f}, |betas| "
+        f"{float(out.betas.norm()):.2f}, rotations orthonormal to {ortho:.0e}{filled}"
+    )
 
 
 def _maskrcnn_once(weights: Path, frame: _Frame, device: torch.device) -> str:
     from jregfix.geometry.crop import square_box
+    from jregfix.geometry.metrics import box_iou
     from jregfix.models.maskrcnn import build_maskrcnn, detect_people
-    from jregfix.stages.silhouettes import box_iou
 
     model = build_maskrcnn(weights).to(device)
     det = detect_people(model, [frame.image], device)[0]
     if not len(det["boxes"]):
         return f"{frame.source}: no person detected (score >= 0.5)"
     iou = box_iou(det["boxes"], square_box(frame.center, frame.scale)[0])
-    return (f"{frame.source}: {len(det['boxes'])} person(s), top score "
-            f"{float(det['scores'][0]):.2f}, best IoU with the crop box {float(iou.max()):.2f}")
+    return (
+        f"{frame.source}: {len(det['boxes'])} person(s), top score "
+        f"{float(det['scores'][0]):.2f}, best IoU with the crop box {float(iou.max()):.2f}"
+    )
 
 
 def _lbs_once(smpl: Path, model: dict, regressor: tuple[str, Path] | None) -> str:
@@ -624,11 +680,12 @@ def _lbs_once(smpl: Path, model: dict, regressor: tuple[str, Path] | None) -> st
     lo, hi = verts.min(0) - 0.05, verts.max(0) + 0.05
     outside = int((~((joints >= lo) & (joints <= hi)).all(1)).sum())
     if outside:
-        raise JregfixError(f"regressor {name!r}: {outside} of {len(joints)} joints lie outside "
-                           f"the rest-pose mesh of {smpl}: wrong vertex order or scale?")
+        raise JregfixError(
+            f"regressor {name!r}: {outside} of {len(joints)} joints lie outside "
+            f"the rest-pose mesh of {smpl}: wrong vertex order or scale?"
+        )
     height = float(verts[:, 1].max() - verts[:, 1].min())
-    return (f"{len(verts)} vertices (height {height:.2f} m) -> {len(joints)} joints, all on "
-            "the body")
+    return f"{len(verts)} vertices (height {height:.2f} m) -> {len(joints)} joints, all on the body"
 
 
 def _score_once(prediction, gt, models: dict, regressors: dict[str, Path]) -> str:
@@ -637,7 +694,7 @@ def _score_once(prediction, gt, models: dict, regressors: dict[str, Path]) -> st
     ``evaluate`` applies it. Vertices come from the file, else from the first SMPL model."""
     from jregfix.body.base import batch_vertices
     from jregfix.body.smpl import SMPLBody
-    from jregfix.geometry.metrics import mpjpe, pa_mpjpe
+    from jregfix.methods.scoring import score
     from jregfix.stages.evaluate import resolve_regressors
 
     if gt.S is None:
@@ -647,17 +704,22 @@ def _score_once(prediction, gt, models: dict, regressors: dict[str, Path]) -> st
         verts = np.asarray(params.vertices[:1], dtype=np.float64)
     elif models:
         body = SMPLBody(next(iter(models.values())))
-        verts = batch_vertices(body, torch.from_numpy(params.pose[:1]),
-                               torch.from_numpy(params.betas[:1])).double().numpy()
+        verts = (
+            batch_vertices(
+                body, torch.from_numpy(params.pose[:1]), torch.from_numpy(params.betas[:1])
+            )
+            .double()
+            .numpy()
+        )
     else:
         raise JregfixError(f"{prediction.path}: no vertices in the file; give --smpl")
-    gt17 = gt.joints17()[row:row + 1]
-    gt17 = gt17 - gt17[:, :1]
+    matrices = {n: r["matrix"] for n, r in resolve_regressors(regressors, verts.shape[1]).items()}
+    scores = score(
+        verts, gt.joints17()[row : row + 1], matrices, joints=17, name=str(prediction.path)
+    ).summary()
     parts = []
-    for name, reg in resolve_regressors(regressors, verts.shape[1]).items():
-        pred = np.einsum("kv,nvc->nkc", reg["matrix"], verts)
-        pred = pred - pred[:, :1]
-        e, pa = mpjpe(pred, gt17)[0] * 1000, pa_mpjpe(pred, gt17)[0] * 1000
+    for name, cell in scores.items():
+        e, pa = cell["mpjpe_mm"], cell["pa_mpjpe_mm"]
         if not (np.isfinite(e) and np.isfinite(pa)):
             raise JregfixError(f"{prediction.path}: NaN/inf joints under regressor {name!r}")
         parts.append(f"{name} {e:.1f} / {pa:.1f} mm")
@@ -666,25 +728,45 @@ def _score_once(prediction, gt, models: dict, regressors: dict[str, Path]) -> st
 
 # --- the whole check --------------------------------------------------------------------------
 
-def run_check(inputs: CheckInputs, device: str = "auto", json_out: str | Path | None = None,
-              progress: Progress | None = None) -> CheckResult:
+
+def _check_json_out(json_out: Path, inputs: list[Path]) -> None:
+    target = json_out.resolve()
+    if any(target == p.resolve() for p in inputs):
+        raise JregfixError(f"--json {json_out} is one of the inputs; choose another path")
+    if target.is_dir():
+        raise JregfixError(f"--json {json_out} is a directory; give a file path")
+
+
+def run_check(
+    inputs: CheckInputs,
+    device: str = "auto",
+    json_out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> StageResult:
     """Inspect every given file, then run one frame through each stage they allow.
 
-    Returns the findings; writes nothing but ``json_out`` (which may not be one of the inputs).
-    ``progress(message)`` is told what is being read or run.
+    Writes nothing but ``json_out`` (which may not be one of the inputs). ``progress`` gets a
+    :class:`Step` per file read or stage run (``unit`` "steps", total unknown, ``message`` what).
+    Returns a :class:`StageResult` whose ``summary`` is :meth:`CheckResult.to_dict` (``ok``,
+    ``files``, ``stages``, ``problems``: the ``--json`` document) and whose ``outputs`` hold
+    ``json_out`` as ``"json"`` when given.
     """
     paths = inputs.paths()
     if not paths:
-        raise JregfixError("nothing to check: give at least one of --smpl, --gt, --images, "
-                           "--checkpoint, --mean-params, --weights, --predictions, --regressor")
+        raise JregfixError(
+            "nothing to check: give at least one of --smpl, --gt, --images, "
+            "--checkpoint, --mean-params, --weights, --predictions, --regressor"
+        )
     if json_out is not None:
-        target = Path(json_out).resolve()
-        if any(target == p.resolve() for p in paths):
-            raise JregfixError(f"--json {json_out} is one of the inputs; choose another path")
-        if target.is_dir():
-            raise JregfixError(f"--json {json_out} is a directory; give a file path")
+        _check_json_out(Path(json_out), paths)
     dev = resolve_device(device)
-    say = progress or (lambda message: None)
+    steps = [0]
+
+    def say(message: str) -> None:
+        steps[0] += 1
+        if progress is not None:
+            progress(Step("check", steps[0], unit="steps", message=message))
+
     files: list[Finding] = []
 
     def inspect(fn, path, *args):
@@ -695,19 +777,29 @@ def run_check(inputs: CheckInputs, device: str = "auto", json_out: str | Path | 
 
     models = {p: inspect(inspect_smpl, p, Path(p)) for p in inputs.smpl}
     gts = [g for g in (inspect(inspect_gt, p, Path(p)) for p in inputs.gt) if g is not None]
-    images = (inspect(inspect_images, inputs.images, Path(inputs.images), gts)
-              if inputs.images is not None else None)
+    images = (
+        inspect(inspect_images, inputs.images, Path(inputs.images), gts)
+        if inputs.images is not None
+        else None
+    )
     states = {p: inspect(inspect_checkpoint, p, Path(p)) for p in inputs.checkpoint}
-    means = (inspect(inspect_mean_params, inputs.mean_params, Path(inputs.mean_params))
-             if inputs.mean_params is not None else None)
+    means = (
+        inspect(inspect_mean_params, inputs.mean_params, Path(inputs.mean_params))
+        if inputs.mean_params is not None
+        else None
+    )
     weights = {p: inspect(inspect_weights, p, Path(p)) for p in inputs.weights}
     bodies = {p: m for p, m in models.items() if m is not None}
-    num_vertices = (_shape(next(iter(bodies.values()))["v_template"])[0] if bodies else None)
-    regs = {name: inspect(inspect_regressor, p, name, Path(p), num_vertices)
-            for name, p in inputs.regressors}
+    num_vertices = _shape(next(iter(bodies.values()))["v_template"])[0] if bodies else None
+    regs = {
+        name: inspect(inspect_regressor, p, name, Path(p), num_vertices)
+        for name, p in inputs.regressors
+    }
     gt = gts[0] if gts else None
-    preds = [(p, inspect(inspect_predictions, p, m, Path(p), gt, inputs.frame_ids,
-                         inputs.subject)) for m, p in inputs.predictions]
+    preds = [
+        (p, inspect(inspect_predictions, p, m, Path(p), gt, inputs.frame_ids, inputs.subject))
+        for m, p in inputs.predictions
+    ]
 
     stages: list[StageCheck] = []
     frames: list[_Frame] = []
@@ -717,8 +809,10 @@ def run_check(inputs: CheckInputs, device: str = "auto", json_out: str | Path | 
         def read_frame() -> str:
             frames.append(_first_frame(gt, images))
             f = frames[0]
-            return (f"{f.source} ({f.image.shape[1]}x{f.image.shape[0]}) -> "
-                    f"{f.crop.shape[1]}x{f.crop.shape[0]} crop, side {200 * f.scale:.0f} px")
+            return (
+                f"{f.source} ({f.image.shape[1]}x{f.image.shape[0]}) -> "
+                f"{f.crop.shape[1]}x{f.crop.shape[0]} crop, side {200 * f.scale:.0f} px"
+            )
 
         stages.append(_run("image → crop", [gt.path, str(images)], read_frame))
     frame = frames[0] if frames else _synthetic_frame()
@@ -729,38 +823,53 @@ def run_check(inputs: CheckInputs, device: str = "auto", json_out: str | Path | 
             stages.append(_skipped("crop → HMR", used, unusable))
             continue
         say(f"HMR on one frame ({path})")
-        stages.append(_run("crop → HMR", used,
-                           lambda s=state, p=path: _hmr_once(s, means, str(p), frame, dev)))
+        stages.append(
+            _run("crop → HMR", used, partial(_hmr_once, state, means, str(path), frame, dev))
+        )
     for path, ok in weights.items():
         if ok is None:
             stages.append(_skipped("Mask R-CNN", [str(path)], unusable))
             continue
         say(f"Mask R-CNN on one image ({path})")
-        stages.append(_run("Mask R-CNN", [str(path)],
-                           lambda p=path: _maskrcnn_once(p, frame, dev)))
+        stages.append(_run("Mask R-CNN", [str(path)], partial(_maskrcnn_once, path, frame, dev)))
     reg_paths = dict(inputs.regressors)
     for path, model in models.items():
-        for name, j in list(regs.items()) or [(None, None)]:
+        # no regressor: the model's own
+        reg_items: list[tuple[str | None, np.ndarray | None]] = list(regs.items()) or [(None, None)]
+        for name, j in reg_items:
             used = [str(path)] + ([str(reg_paths[name])] if name else [])
             if model is None or (name is not None and j is None):
                 stages.append(_skipped("LBS → joints", used, unusable))
                 continue
             say(f"LBS with {path}")
-            stages.append(_run("LBS → joints", used, lambda p=path, m=model, n=name:
-                               _lbs_once(p, m, (n, reg_paths[n]) if n else None)))
+            stages.append(
+                _run(
+                    "LBS → joints",
+                    used,
+                    partial(_lbs_once, path, model, (name, reg_paths[name]) if name else None),
+                )
+            )
     usable_regs = {n: reg_paths[n] for n, j in regs.items() if j is not None}
     for path, prediction in preds:
         if gt is None:
             continue
         used = [str(path), gt.path] + [str(p) for p in usable_regs.values()]
         if prediction is None or not usable_regs:
-            stages.append(_skipped("score one frame", used,
-                                   unusable if prediction is None else "give a --regressor"))
+            stages.append(
+                _skipped(
+                    "score one frame",
+                    used,
+                    unusable if prediction is None else "give a --regressor",
+                )
+            )
             continue
         say(f"scoring one frame of {path}")
-        stages.append(_run("score one frame", used,
-                           lambda pr=prediction: _score_once(pr, gt, bodies, usable_regs)))
-    result = CheckResult(files, stages)
+        stages.append(
+            _run("score one frame", used, partial(_score_once, prediction, gt, bodies, usable_regs))
+        )
+    doc = CheckResult(files, stages).to_dict()
     if json_out is not None:
-        write_json(json_out, result.to_dict())
-    return result
+        write_json(json_out, doc)
+    return StageResult(
+        "check", {"json": Path(json_out)} if json_out is not None else {}, summary=doc
+    )

@@ -32,8 +32,9 @@ def _number_problem(value, integer: bool) -> str | None:
     return None
 
 
-def check_config_types(config, defaults: Mapping, paths: Collection[tuple[str, ...]] = (),
-                       where: tuple[str, ...] = ()) -> None:
+def check_config_types(
+    config, defaults: Mapping, paths: Collection[tuple[str, ...]] = (), where: tuple[str, ...] = ()
+) -> None:
     """Raise ``JregfixError("refine.iters must be an integer, got \\"many\\"")``-style errors.
 
     ``config`` is the user's (partial) config, ``defaults`` the full default one; ``paths`` are

@@ -18,9 +18,9 @@ from jregfix.geometry.crop import crop_image
 from jregfix.io.h36m import H36MData
 from jregfix.io.images import read_image, resolve_image
 from jregfix.io.manifest import ChunkStore
+from jregfix.stages.result import Progress, Step
 
 T = TypeVar("T")
-Progress = Callable[[int, int], None]  # (frames done, frames total)
 
 
 def default_workers() -> int:
@@ -31,13 +31,14 @@ def default_workers() -> int:
     return max(1, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def prefetch_batches(fn: Callable[[int], T], rows: Sequence[int], batch_size: int,
-                     workers: int = 2, ahead: int = 2) -> Iterator[tuple[list[int], list[T]]]:
+def prefetch_batches(
+    fn: Callable[[int], T], rows: Sequence[int], batch_size: int, workers: int = 2, ahead: int = 2
+) -> Iterator[tuple[list[int], list[T]]]:
     """Yield ``(rows, [fn(r) for r in rows])`` batch by batch, decoding ``ahead`` batches early
     in a thread pool (image decoding releases the GIL, so it overlaps the network)."""
-    batches = [list(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    batches = [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        queue = deque()
+        queue: deque[tuple[list[int], list]] = deque()
         for batch in batches:
             queue.append((batch, [pool.submit(fn, r) for r in batch]))
             if len(queue) > ahead:
@@ -48,8 +49,9 @@ def prefetch_batches(fn: Callable[[int], T], rows: Sequence[int], batch_size: in
             yield done, [f.result() for f in futures]
 
 
-def frame_reader(data: H36MData, images: str | Path, skip_unreadable: bool,
-                 crop: bool) -> Callable[[int], np.ndarray | None]:
+def frame_reader(
+    data: H36MData, images: str | Path, skip_unreadable: bool, crop: bool
+) -> Callable[[int], np.ndarray | None]:
     """Row -> SPIN crop (224,224,3) uint8 (``crop``) or full RGB image; None if unreadable and
     ``skip_unreadable``."""
 
@@ -86,25 +88,36 @@ def merged_chunks(store: ChunkStore, count: int, ranks: Ranks) -> dict[str, np.n
         return None
     missing = [i for i in range(count) if not store.done(i)]
     if missing and ranks.distributed:
-        raise JregfixError(f"rank 0 does not see chunks {missing[:5]} that other ranks wrote "
-                           f"under {store.directory}: --out must be on a filesystem shared by "
-                           "every node")
+        raise JregfixError(
+            f"rank 0 does not see chunks {missing[:5]} that other ranks wrote "
+            f"under {store.directory}: --out must be on a filesystem shared by "
+            "every node"
+        )
     return store.concatenate(count)
 
 
-def compute_frame_chunks(store: ChunkStore, ranges: list[tuple[int, int]], ranks: Ranks,
-                         read: Callable[[int], np.ndarray | None], present: np.ndarray,
-                         imgname: np.ndarray, batch_size: int, workers: int,
-                         process: Callable[[list[int], list[np.ndarray]], dict[str, np.ndarray]],
-                         empty: Callable[[], dict[str, np.ndarray]],
-                         progress: Progress | None = None) -> int:
+def compute_frame_chunks(
+    stage: str,
+    store: ChunkStore,
+    ranges: list[tuple[int, int]],
+    ranks: Ranks,
+    read: Callable[[int], np.ndarray | None],
+    present: np.ndarray,
+    imgname: np.ndarray,
+    batch_size: int,
+    workers: int,
+    process: Callable[[list[int], list[np.ndarray]], dict[str, np.ndarray]],
+    empty: Callable[[], dict[str, np.ndarray]],
+    progress: Progress | None = None,
+) -> int:
     """Compute and save this rank's unfinished chunks of a per-frame stage; return how many of
     its chunks an earlier run had finished.
 
     ``process(rows, frames)`` maps a batch of readable frames to per-frame arrays; ``empty()``
     gives the arrays of a chunk without readable frames. Each chunk also stores ``imgname``,
     ``gt_row`` (the rows kept) and ``skipped_row`` (missing or unreadable images).
-    ``progress(done, total)`` counts this rank's frames.
+    ``progress`` gets a :class:`Step` of ``stage`` (this rank's frames) after every batch and
+    again, with the same count, once a chunk is saved.
     """
     todo, resumed = owned_chunks(store, len(ranges), ranks)
     total = sum(stop - start for ci, (start, stop) in enumerate(ranges) if ranks.owns(ci))
@@ -116,26 +129,32 @@ def compute_frame_chunks(store: ChunkStore, ranges: list[tuple[int, int]], ranks
         # enough batches in flight to keep every decoding thread busy
         ahead = max(2, -(-workers // batch_size))
         for batch_rows, frames in prefetch_batches(read, rows, batch_size, workers, ahead):
-            ok = [i for i, f in enumerate(frames) if f is not None]
-            skipped += [batch_rows[i] for i, f in enumerate(frames) if f is None]
+            readable = [f for f in frames if f is not None]
+            ok = [r for r, f in zip(batch_rows, frames, strict=True) if f is not None]
+            skipped += [r for r, f in zip(batch_rows, frames, strict=True) if f is None]
             if ok:
-                parts.append(process([batch_rows[i] for i in ok], [frames[i] for i in ok]))
-                kept += [batch_rows[i] for i in ok]
+                parts.append(process(ok, readable))
+                kept += ok
             if progress:
-                progress(done_frames + len(kept) + len(skipped), total)
-        arrays = ({k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts
-                  else empty())
+                progress(Step(stage, done_frames + len(kept) + len(skipped), total))
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else empty()
         kept_rows = np.asarray(kept, dtype=np.int64)
-        store.save(ci, **arrays, imgname=imgname[kept_rows].astype(str), gt_row=kept_rows,
-                   skipped_row=np.asarray(sorted(skipped), np.int64))
+        store.save(
+            ci,
+            **arrays,
+            imgname=imgname[kept_rows].astype(str),
+            gt_row=kept_rows,
+            skipped_row=np.asarray(sorted(skipped), np.int64),
+        )
         done_frames += stop - start
         if progress:
-            progress(done_frames, total)
+            progress(Step(stage, done_frames, total, message=f"chunk {ci + 1} saved"))
     return resumed
 
 
-def merged_frame_chunks(store: ChunkStore, count: int, ranks: Ranks, imgname: np.ndarray,
-                        source: str) -> tuple[dict[str, np.ndarray] | None, list[str]]:
+def merged_frame_chunks(
+    store: ChunkStore, count: int, ranks: Ranks, imgname: np.ndarray, source: str
+) -> tuple[dict[str, np.ndarray] | None, list[str]]:
     """:func:`merged_chunks` of a per-frame stage: rank 0 gets the arrays (``skipped_row``
     removed) and the names of the skipped images; an output without any frame is an error."""
     merged = merged_chunks(store, count, ranks)

@@ -50,9 +50,10 @@ from jregfix.device import DEFAULT_DEVICE, resolve_device
 from jregfix.errors import JregfixError
 from jregfix.io.atomic import json_bytes, sha256_file, write_bytes, write_json
 from jregfix.io.lock import output_lock
-from jregfix.io.manifest import fingerprint, read_manifest, stage_record, versions
+from jregfix.io.manifest import read_manifest, records_current, stage_record, versions
+from jregfix.methods.refinement import RefineConfig
 from jregfix.stages.config_types import check_config_types
-from jregfix.stages.refine import RefineConfig
+from jregfix.stages.result import Progress, StageResult
 
 DEFAULTS: dict = {
     "run_dir": "run",
@@ -64,13 +65,26 @@ DEFAULTS: dict = {
     "silhouettes": {"given": None, "images": None},
     "fit_regressor": {"support": "knn:128", "sum_to_one_weight": 1.0, "chunk_size": 128},
     "refine": {k: v for k, v in asdict(RefineConfig()).items() if k != "seed"},
-    "evaluate": {"joints": 17, "protocol": "p1", "frame_ids": "video", "methods": [],
-                 "regressors": {}, "bootstrap": 2000},
+    "evaluate": {
+        "joints": 17,
+        "protocol": "p1",
+        "frame_ids": "video",
+        "methods": [],
+        "regressors": {},
+        "bootstrap": 2000,
+    },
     "figures": {"enabled": True, "frames": 4, "params": None},
 }
-PATH_KEYS = (("gt", "train"), ("gt", "test"), ("init", "given"), ("silhouettes", "given"),
-             ("silhouettes", "images"), ("body", "cache_dir"), ("body", "smpl"),
-             ("figures", "params"))
+PATH_KEYS = (
+    ("gt", "train"),
+    ("gt", "test"),
+    ("init", "given"),
+    ("silhouettes", "given"),
+    ("silhouettes", "images"),
+    ("body", "cache_dir"),
+    ("body", "smpl"),
+    ("figures", "params"),
+)
 STAGES = ("init", "masks", "fit_J_spin", "refine", "fit_J_opt", "evaluate", "figures")
 Say = Callable[[str], None]
 
@@ -83,8 +97,12 @@ def _merge(base: dict, over: Mapping, where: str = "") -> dict:
     for key, value in over.items():
         if key not in base:
             raise JregfixError(f"config: unknown key '{where}{key}'; known: {sorted(base)}")
-        if isinstance(base[key], dict) and base[key] and isinstance(value, Mapping) and \
-                key not in ("regressors", "weights"):
+        if (
+            isinstance(base[key], dict)
+            and base[key]
+            and isinstance(value, Mapping)
+            and key not in ("regressors", "weights")
+        ):
             out[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
@@ -102,6 +120,32 @@ def _parse(path: Path) -> dict:
     return tomllib.loads(text)
 
 
+def _strings(where: str, section, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
+    """A config table whose values are strings (paths, names): exactly the ``required`` keys
+    plus any of the ``optional`` ones, checked here so that a slip names its key instead of
+    failing later inside a stage."""
+    if not isinstance(section, Mapping):
+        raise JregfixError(
+            f"config: {where} must be an object with keys "
+            f"{', '.join(required + optional)}, got {section!r}"
+        )
+    missing = [k for k in required if k not in section]
+    unknown = sorted(set(section) - set(required) - set(optional))
+    if missing or unknown:
+        raise JregfixError(
+            f"config: {where}: "
+            + "; ".join(
+                ([f"missing key(s) {', '.join(missing)}"] if missing else [])
+                + ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            )
+            + f" (keys: {', '.join(required + optional)})"
+        )
+    for key, value in section.items():
+        if not isinstance(value, str) or not value:
+            raise JregfixError(f"config: {where}.{key} must be a non-empty string, got {value!r}")
+    return dict(section)
+
+
 def load_config(config: str | Path | Mapping) -> dict:
     """Read (if a path) and resolve a run config: defaults filled in, paths made absolute."""
     root = Path.cwd()
@@ -112,8 +156,9 @@ def load_config(config: str | Path | Mapping) -> dict:
         try:
             raw = _parse(path)
         except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise JregfixError(f"{path}: not a valid {path.suffix or 'JSON'} config ({exc})") \
-                from None
+            raise JregfixError(
+                f"{path}: not a valid {path.suffix or 'JSON'} config ({exc})"
+            ) from None
         root = path.resolve().parent
         config = raw
     check_config_types(config, DEFAULTS, PATH_KEYS + (("run_dir",),))
@@ -125,25 +170,32 @@ def load_config(config: str | Path | Mapping) -> dict:
     cfg["run_dir"] = absolute(cfg["run_dir"])
     for a, b in PATH_KEYS:
         cfg[a][b] = absolute(cfg[a][b])
-    if cfg["init"]["spin"]:
-        cfg["init"]["spin"] = {k: absolute(v) for k, v in cfg["init"]["spin"].items()}
-    for m in cfg["evaluate"]["methods"]:
-        if not {"method", "path"} <= set(m):
-            raise JregfixError(f"config: evaluate.methods entries need 'method' and 'path', "
-                               f"got {m}")
+    for i, m in enumerate(cfg["evaluate"]["methods"]):
+        _strings(f"evaluate.methods[{i}]", m, ("method", "path"), ("label",))
         m["path"] = absolute(m["path"])
         m.setdefault("label", m["method"])
-    cfg["evaluate"]["regressors"] = {k: absolute(v)
-                                     for k, v in cfg["evaluate"]["regressors"].items()}
+    regressors = cfg["evaluate"]["regressors"]
+    named = {k: v for k, v in regressors.items() if v is not None}  # null: leave it out
+    _strings("evaluate.regressors", named, (), tuple(named))
+    cfg["evaluate"]["regressors"] = {k: absolute(v) for k, v in regressors.items()}
     for key in ("train", "test"):
         if cfg["gt"][key] is None:
             raise JregfixError(f"config: gt.{key} (a SPIN-format Human3.6M npz) is required")
     if bool(cfg["init"]["given"]) == bool(cfg["init"]["spin"]):
-        raise JregfixError("config: give exactly one of init.given (params npz) or init.spin "
-                           "({images, checkpoint, mean_params})")
+        raise JregfixError(
+            "config: give exactly one of init.given (params npz) or init.spin "
+            "({images, checkpoint, mean_params})"
+        )
+    if cfg["init"]["spin"]:
+        spin = _strings(
+            "init.spin", cfg["init"]["spin"], ("images", "checkpoint"), ("mean_params",)
+        )
+        cfg["init"]["spin"] = {k: absolute(v) for k, v in spin.items()}
     if bool(cfg["silhouettes"]["given"]) == bool(cfg["silhouettes"]["images"]):
-        raise JregfixError("config: give exactly one of silhouettes.given (masks npz) or "
-                           "silhouettes.images (an image folder for the silhouettes stage)")
+        raise JregfixError(
+            "config: give exactly one of silhouettes.given (masks npz) or "
+            "silhouettes.images (an image folder for the silhouettes stage)"
+        )
     if not cfg["evaluate"]["methods"]:
         raise JregfixError("config: evaluate.methods is empty (list of {label, method, path})")
     return cfg
@@ -162,14 +214,19 @@ class RunManifest:
     def __init__(self, run_dir: Path, config: dict):
         self.run_dir = run_dir
         self.path = run_dir / "manifest.json"
-        self.doc = {"stages": {}, "files": {}}
+        self.doc: dict = {"stages": {}, "files": {}}
         if self.path.exists():
             doc = read_manifest(self.path)
-            if not (isinstance(doc, dict) and isinstance(doc.get("stages"), dict)
-                    and isinstance(doc.get("files"), dict)):
-                raise JregfixError(f"{self.path} is not the manifest of a `jregfix run` (or of "
-                                   "an older version): choose a new run_dir, or move the "
-                                   "directory's files away")
+            if not (
+                isinstance(doc, dict)
+                and isinstance(doc.get("stages"), dict)
+                and isinstance(doc.get("files"), dict)
+            ):
+                raise JregfixError(
+                    f"{self.path} is not the manifest of a `jregfix run` (or of "
+                    "an older version): choose a new run_dir, or move the "
+                    "directory's files away"
+                )
             self.doc = doc
         self.doc["config"] = config
         self.doc["versions"] = versions()
@@ -184,13 +241,17 @@ class RunManifest:
             rel = path.relative_to(self.run_dir).as_posix()
             if rel == "manifest.json" or _transient(rel, owned | {"manifest.json"}):
                 continue
-            if rel in files and (files[rel] is None or (path.is_file() and not path.is_symlink()
-                                                        and sha256_file(path) == files[rel])):
+            if rel in files and (
+                files[rel] is None
+                or (path.is_file() and not path.is_symlink() and sha256_file(path) == files[rel])
+            ):
                 continue
             why = "changed since `run` wrote it" if rel in files else "not written by `run`"
-            raise JregfixError(f"run_dir {self.run_dir} holds {rel} ({why}); `run` never "
-                               "overwrites files it did not write: move it away or choose a "
-                               "new run_dir")
+            raise JregfixError(
+                f"run_dir {self.run_dir} holds {rel} ({why}); `run` never "
+                "overwrites files it did not write: move it away or choose a "
+                "new run_dir"
+            )
 
     def claim(self, paths: list[Path]) -> None:
         """List ``paths`` (and their sidecars) as this run's before a stage writes them."""
@@ -209,19 +270,22 @@ class RunManifest:
         self.save()
 
     def _names(self, paths: list[Path]) -> list[str]:
-        return [Path(p).relative_to(self.run_dir).as_posix() + s
-                for p in paths for s in self.SIDECARS]
+        return [
+            Path(p).relative_to(self.run_dir).as_posix() + s for p in paths for s in self.SIDECARS
+        ]
 
     def current(self, name: str, record: dict, outputs: Mapping[str, Path]) -> bool:
-        entry = self.doc["stages"].get(name)
-        if entry is None or fingerprint(entry) != fingerprint(record):
-            return False
-        stored = entry.get("outputs", {})
-        return set(stored) == set(outputs) and all(
-            Path(p).is_file() and sha256_file(p) == stored[k] for k, p in outputs.items())
+        """Whether stage ``name`` is current (:func:`jregfix.io.manifest.records_current`)."""
+        return records_current(self.doc["stages"].get(name), record, outputs)
 
-    def done(self, name: str, record: dict, outputs: Mapping[str, Path], seconds: float,
-             extra: Mapping | None = None) -> None:
+    def done(
+        self,
+        name: str,
+        record: dict,
+        outputs: Mapping[str, Path],
+        seconds: float,
+        extra: Mapping | None = None,
+    ) -> None:
         entry = dict(record)
         entry["outputs"] = {k: sha256_file(p) for k, p in outputs.items()}
         entry["seconds"] = round(seconds, 2)
@@ -240,9 +304,13 @@ def _transient(rel: str, owned: set[str]) -> bool:
     parent, _, name = rel.rpartition("/")
     for out in owned:
         out_parent, _, out_name = out.rpartition("/")
-        if rel == out + ".lock" or rel.startswith(out + ".chunks/") or (
-                parent == out_parent and name.startswith(f".{out_name}.")
-                and name.endswith(".part")):
+        if (
+            rel == out + ".lock"
+            or rel.startswith(out + ".chunks/")
+            or (
+                parent == out_parent and name.startswith(f".{out_name}.") and name.endswith(".part")
+            )
+        ):
             return True
     return False
 
@@ -263,8 +331,9 @@ def input_paths(cfg: Mapping) -> dict[str, str]:
     """{config key: path} of every file or folder the run reads."""
     paths = {f"{a}.{b}": cfg[a][b] for a, b in PATH_KEYS}
     paths |= {f"init.spin.{k}": v for k, v in (cfg["init"]["spin"] or {}).items()}
-    paths |= {f"evaluate.methods[{i}].path": m["path"]
-              for i, m in enumerate(cfg["evaluate"]["methods"])}
+    paths |= {
+        f"evaluate.methods[{i}].path": m["path"] for i, m in enumerate(cfg["evaluate"]["methods"])
+    }
     paths |= {f"evaluate.regressors.{k}": v for k, v in cfg["evaluate"]["regressors"].items()}
     return {k: v for k, v in paths.items() if v}
 
@@ -274,8 +343,10 @@ def refuse_inputs_inside(cfg: Mapping, run_dir: Path) -> None:
     for key, value in input_paths(cfg).items():
         path = Path(value).resolve()
         if path == run_dir.resolve() or path.is_relative_to(run_dir.resolve()):
-            raise JregfixError(f"config: {key} ({value}) lies inside run_dir {run_dir}, where "
-                               "`run` writes its outputs; keep inputs outside the run directory")
+            raise JregfixError(
+                f"config: {key} ({value}) lies inside run_dir {run_dir}, where "
+                "`run` writes its outputs; keep inputs outside the run directory"
+            )
 
 
 # ----------------------------------------------------------------------------- body
@@ -303,31 +374,51 @@ def rest_candidates(body, support: str) -> list[np.ndarray] | None:
     None lets fit-regressor's pilot fit place them (SMPL)."""
     if not hasattr(body, "h36m_joints"):
         return None
-    from jregfix.stages.world import rest_joint_candidates
+    from jregfix.body.base import rest_h36m_joints
+    from jregfix.methods.fitting import candidate_rows
 
-    return rest_joint_candidates(body, support)
+    return candidate_rows(body.template.double().cpu().numpy(), rest_h36m_joints(body), support)
 
 
-def fit_stage_regressor(body, params: str | Path, gt: str | Path, out: Path, cfg: dict) -> dict:
+def fit_stage_regressor(
+    body, params: str | Path, gt: str | Path, out: Path, cfg: dict, progress: Progress | None = None
+) -> dict:
     """fit-regressor on ``params`` meshes vs ``gt`` (training subjects only)."""
-    from jregfix.stages.fit_regressor import FitConfig, load_inputs, run_fit
+    from jregfix.methods.fitting import FitConfig
+    from jregfix.stages.fit_regressor import load_inputs, run_fit
 
     fc = cfg["fit_regressor"]
-    config = FitConfig(support=fc["support"], sum_to_one_weight=fc["sum_to_one_weight"],
-                       chunk_size=fc["chunk_size"])
-    inputs = load_inputs(params, gt, None, out, config, body=body,
-                         candidates=rest_candidates(body, fc["support"]))
-    d = run_fit(inputs, out, config)["result"]
-    return {"frames": d["frames"], "rms_mm": d["rms_mm_all_joints"],
-            "converged": d["converged"]}
+    config = FitConfig(
+        support=fc["support"],
+        sum_to_one_weight=fc["sum_to_one_weight"],
+        chunk_size=fc["chunk_size"],
+    )
+    inputs = load_inputs(
+        params, gt, None, out, config, body=body, candidates=rest_candidates(body, fc["support"])
+    )
+    d = run_fit(inputs, out, config, progress=progress).summary["result"]
+    return {"frames": d["frames"], "rms_mm": d["rms_mm_all_joints"], "converged": d["converged"]}
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: str | Path | Mapping, say: Say | None = None,
-        refine_progress: Callable[[int, dict], None] | None = None, body=None) -> dict:
-    """Run (or resume) every stage; returns {config, stages: {name: status}, evaluate, ...}."""
+def run(
+    config: str | Path | Mapping,
+    say: Say | None = None,
+    progress: Progress | None = None,
+    body=None,
+) -> StageResult:
+    """Run (or resume) every stage.
+
+    ``say`` gets one line per stage started, skipped or done (and notes: a lock being waited
+    for, a body model being downloaded); ``progress`` gets the :class:`Step` events of the
+    stages that report them (spin, silhouettes, fit-regressor: frames; refine: frames, with the
+    live loss terms in ``info``). Returns a :class:`StageResult` ("run"): ``outputs`` the files the
+    stages wrote, by name, ``skipped`` when every stage was current, and ``summary`` = {config,
+    run_dir, stages: {name: status}, summaries: {name: numbers}, timings: {name: s}, evaluate:
+    the evaluate document, labels: {method: label}}.
+    """
     say = say or (lambda _m: None)
     cfg = load_config(config)
     device = resolve_device(cfg["device"], option="config: device")
@@ -340,15 +431,23 @@ def run(config: str | Path | Mapping, say: Say | None = None,
         manifest.claim([run_dir / "config.json"])
         write_bytes(run_dir / "config.json", json_bytes(cfg))
         manifest.record([run_dir / "config.json"])
-        return _run_stages(cfg, device, run_dir, manifest, say, refine_progress, body)
+        return _run_stages(cfg, device, run_dir, manifest, say, progress, body)
 
 
-def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Say,
-                refine_progress, body) -> dict:
+def _run_stages(
+    cfg: dict,
+    device,
+    run_dir: Path,
+    manifest: RunManifest,
+    say: Say,
+    progress: Progress | None,
+    body,
+) -> StageResult:
     seed = cfg["seed"]
     status: dict[str, str] = {}
     summaries: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    outputs_of: dict[str, Path] = {}
     gt_train, gt_test = cfg["gt"]["train"], cfg["gt"]["test"]
 
     def get_body():
@@ -359,8 +458,11 @@ def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Sa
         return body
 
     def stage(name, inputs, stage_cfg, outputs, fn, writes=True):
-        record = stage_record(name, inputs, {**stage_cfg, "body": cfg["body"]["model"],
-                                             "device": device.type}, seed)
+        if writes:
+            outputs_of.update(outputs)
+        record = stage_record(
+            name, inputs, {**stage_cfg, "body": cfg["body"]["model"], "device": device.type}, seed
+        )
         if manifest.current(name, record, outputs):
             status[name] = "current (skipped)"
             summaries[name] = manifest.doc["stages"][name].get("summary", {})
@@ -381,53 +483,102 @@ def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Sa
     # 1-2: init and masks
     if cfg["init"]["given"]:
         init = Path(cfg["init"]["given"])
-        stage("init", {"init": init}, {"source": "given"}, {"init": init}, lambda: None,
-              writes=False)
+        stage(
+            "init", {"init": init}, {"source": "given"}, {"init": init}, lambda: None, writes=False
+        )
     else:
         from jregfix.stages.spin import SpinConfig, run_spin
 
         sp = cfg["init"]["spin"]
         init = run_dir / "spin.npz"
-        stage("init", {"gt": gt_train, "checkpoint": sp.get("checkpoint")},
-              {"source": "spin", **sp}, {"init": init},
-              lambda: {"frames": run_spin(gt_train, sp["images"], sp["checkpoint"],
-                                          sp.get("mean_params"), init,
-                                          SpinConfig(device=str(device))).frames})
+        stage(
+            "init",
+            {"gt": gt_train, "checkpoint": sp.get("checkpoint")},
+            {"source": "spin", **sp},
+            {"init": init},
+            lambda: {
+                "frames": run_spin(
+                    gt_train,
+                    sp["images"],
+                    sp["checkpoint"],
+                    sp.get("mean_params"),
+                    init,
+                    SpinConfig(device=str(device)),
+                    progress,
+                ).summary["frames"]
+            },
+        )
     if cfg["silhouettes"]["given"]:
         masks = Path(cfg["silhouettes"]["given"])
-        stage("masks", {"masks": masks}, {"source": "given"}, {"masks": masks}, lambda: None,
-              writes=False)
+        stage(
+            "masks",
+            {"masks": masks},
+            {"source": "given"},
+            {"masks": masks},
+            lambda: None,
+            writes=False,
+        )
     else:
         from jregfix.stages.silhouettes import SilhouetteConfig, run_silhouettes
 
         masks = run_dir / "silhouettes.npz"
         images = cfg["silhouettes"]["images"]
-        stage("masks", {"gt": gt_train}, {"source": "silhouettes", "images": images},
-              {"masks": masks},
-              lambda: {"frames": run_silhouettes(gt_train, images, masks,
-                                                 SilhouetteConfig(device=str(device))).frames})
+        stage(
+            "masks",
+            {"gt": gt_train},
+            {"source": "silhouettes", "images": images},
+            {"masks": masks},
+            lambda: {
+                "frames": run_silhouettes(
+                    gt_train, images, masks, SilhouetteConfig(device=str(device)), progress
+                ).summary["frames"]
+            },
+        )
 
     # 3: J_spin
     j_spin = run_dir / "J_spin.npy"
-    stage("fit_J_spin", {"params": init, "gt": gt_train}, cfg["fit_regressor"],
-          {"J_spin": j_spin},
-          lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg))
+    stage(
+        "fit_J_spin",
+        {"params": init, "gt": gt_train},
+        cfg["fit_regressor"],
+        {"J_spin": j_spin},
+        lambda: fit_stage_regressor(get_body(), init, gt_train, j_spin, cfg, progress),
+    )
 
     # 4: refine
     from jregfix.stages.refine import refine
 
     rc = RefineConfig(**cfg["refine"], seed=seed)
     refined = run_dir / "refined.npz"
-    stage("refine", {"init": init, "gt": gt_train, "silhouettes": masks, "J_spin": j_spin},
-          cfg["refine"], {"refined": refined},
-          lambda: refine(init, gt_train, masks, get_body(), j_spin, refined, rc,
-                         device=device, progress=refine_progress))
+    stage(
+        "refine",
+        {"init": init, "gt": gt_train, "silhouettes": masks, "J_spin": j_spin},
+        cfg["refine"],
+        {"refined": refined},
+        lambda: (
+            refine(
+                init,
+                gt_train,
+                masks,
+                get_body(),
+                j_spin,
+                refined,
+                rc,
+                device=device,
+                progress=progress,
+            ).summary
+        ),
+    )
 
     # 5: J_opt
     j_opt = run_dir / "J_opt.npy"
-    stage("fit_J_opt", {"params": refined, "gt": gt_train}, cfg["fit_regressor"],
-          {"J_opt": j_opt},
-          lambda: fit_stage_regressor(get_body(), refined, gt_train, j_opt, cfg))
+    stage(
+        "fit_J_opt",
+        {"params": refined, "gt": gt_train},
+        cfg["fit_regressor"],
+        {"J_opt": j_opt},
+        lambda: fit_stage_regressor(get_body(), refined, gt_train, j_opt, cfg, progress),
+    )
 
     # 6: evaluate
     ev = cfg["evaluate"]
@@ -444,16 +595,35 @@ def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Sa
     def do_evaluate():
         from jregfix.stages.evaluate import evaluate
 
-        doc = evaluate([(m["method"], m["path"]) for m in ev["methods"]], gt_test, ordered,
-                       body=get_body(), protocol=ev["protocol"], joints=ev["joints"],
-                       frame_ids=ev["frame_ids"], chunk_size=64, device=device,
-                       json_out=evaluation, bootstrap=ev["bootstrap"], seed=seed)
+        doc = evaluate(
+            [(m["method"], m["path"]) for m in ev["methods"]],
+            gt_test,
+            ordered,
+            body=get_body(),
+            protocol=ev["protocol"],
+            joints=ev["joints"],
+            frame_ids=ev["frame_ids"],
+            chunk_size=64,
+            device=device,
+            json_out=evaluation,
+            bootstrap=ev["bootstrap"],
+            seed=seed,
+            progress=progress,
+        ).summary
         return {"rows": len(doc["results"])}
 
-    inputs = {"gt": gt_test, **{f"method:{m['label']}": m["path"] for m in ev["methods"]},
-              **{f"regressor:{k}": v for k, v in ordered.items()}}
-    stage("evaluate", inputs, {k: v for k, v in ev.items() if k != "regressors"},
-          {"evaluate": evaluation}, do_evaluate)
+    inputs = {
+        "gt": gt_test,
+        **{f"method:{m['label']}": m["path"] for m in ev["methods"]},
+        **{f"regressor:{k}": v for k, v in ordered.items()},
+    }
+    stage(
+        "evaluate",
+        inputs,
+        {k: v for k, v in ev.items() if k != "regressors"},
+        {"evaluate": evaluation},
+        do_evaluate,
+    )
     doc = json.loads(evaluation.read_text())
     labels = {m["method"]: m["label"] for m in ev["methods"]}
 
@@ -464,14 +634,43 @@ def _run_stages(cfg: dict, device, run_dir: Path, manifest: RunManifest, say: Sa
         fig_dir = run_dir / "figures"
         outs = {k: fig_dir / f"{k}.png" for k in figures.FIGURES}
         fc = cfg["figures"]
-        stage("figures", {"refined": refined, "init": init, "masks": masks,
-                          "evaluate": evaluation, "gt_test": gt_test, "params": fc["params"]},
-              fc, outs,
-              lambda: figures.make_figures(fig_dir, get_body(), init, refined, masks, gt_test,
-                                           ev["methods"], ordered, doc, rc.image_size,
-                                           fc["frames"], fc["params"]))
-    return {"config": cfg, "run_dir": str(run_dir), "stages": status, "summaries": summaries,
-            "timings": timings, "evaluate": doc, "labels": labels}
+        stage(
+            "figures",
+            {
+                "refined": refined,
+                "init": init,
+                "masks": masks,
+                "evaluate": evaluation,
+                "gt_test": gt_test,
+                "params": fc["params"],
+            },
+            fc,
+            outs,
+            lambda: figures.make_figures(
+                fig_dir,
+                get_body(),
+                init,
+                refined,
+                masks,
+                gt_test,
+                ev["methods"],
+                ordered,
+                doc,
+                rc.image_size,
+                fc["frames"],
+                fc["params"],
+            ),
+        )
+    summary = {
+        "config": cfg,
+        "run_dir": str(run_dir),
+        "stages": status,
+        "summaries": summaries,
+        "timings": timings,
+        "evaluate": doc,
+        "labels": labels,
+    }
+    return StageResult("run", outputs_of, skipped=not timings, summary=summary)
 
 
 def relabel(doc: dict, labels: Mapping[str, str]) -> dict:

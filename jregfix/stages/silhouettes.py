@@ -12,8 +12,8 @@ plus ``gt_row`` (N,), ``box`` (N,4) chosen box in image pixels (NaN if none) and
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from jregfix.device import numerics, numerics_record
 from jregfix.distributed import Ranks
 from jregfix.errors import JregfixError
 from jregfix.geometry.crop import crop_image, crop_map, square_box
+from jregfix.geometry.metrics import box_iou
 from jregfix.io.atomic import write_bytes
 from jregfix.io.guard import refuse_overwriting_inputs
 from jregfix.io.h36m import H36MData, load_h36m
@@ -39,13 +40,13 @@ from jregfix.io.manifest import (
 )
 from jregfix.io.masks import MASK_RES, pack_masks, save_packed_silhouettes, unpack_masks
 from jregfix.stages.frames import (
-    Progress,
     chunk_dir,
     compute_frame_chunks,
     default_workers,
     frame_reader,
     merged_frame_chunks,
 )
+from jregfix.stages.result import Progress, StageResult
 
 # images (list of uint8 RGB (H,W,3)) -> per image {"boxes" (K,4), "scores" (K,), "masks" (K,H,W)}
 Detector = Callable[[list[np.ndarray]], list[dict[str, np.ndarray]]]
@@ -67,29 +68,9 @@ class SilhouetteConfig:
     force: bool = False
 
 
-@dataclass
-class SilhouetteResult:
-    out: Path
-    frames: int
-    found: int
-    skipped: list[str] = field(default_factory=list)
-    resumed_chunks: int = 0
-    up_to_date: bool = False
-    figure: Path | None = None
-
-
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of (K,4) boxes with one (4,) box, all x0, y0, x1, y1."""
-    lo = np.maximum(boxes[:, :2], box[:2])
-    hi = np.minimum(boxes[:, 2:], box[2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
-    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
-    union = area + np.prod(box[2:] - box[:2]) - inter
-    return inter / np.maximum(union, 1e-12)
-
-
-def select_person(boxes: np.ndarray, scores: np.ndarray, crop_square: np.ndarray,
-                  min_iou: float) -> tuple[int | None, float]:
+def select_person(
+    boxes: np.ndarray, scores: np.ndarray, crop_square: np.ndarray, min_iou: float
+) -> tuple[int | None, float]:
     """Index of the detection overlapping the crop square best (ties: higher score), its IoU;
     None when there is no detection with IoU >= ``min_iou``."""
     if len(boxes) == 0:
@@ -99,16 +80,21 @@ def select_person(boxes: np.ndarray, scores: np.ndarray, crop_square: np.ndarray
     return (best if iou[best] >= min_iou and iou[best] > 0 else None), float(iou[best])
 
 
-def torchvision_detector(weights: str | Path | None, device: torch.device,
-                         score_threshold: float) -> Detector:
+def torchvision_detector(
+    weights: str | Path | None, device: torch.device, score_threshold: float
+) -> Detector:
     from jregfix.models.maskrcnn import build_maskrcnn, detect_people
 
     model = build_maskrcnn(weights).to(device)
     return lambda images: detect_people(model, images, device, score_threshold)
 
 
-def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, rows: list[int],
-                      config: SilhouetteConfig) -> dict[str, np.ndarray]:
+def frame_silhouettes(
+    detections: list[dict[str, np.ndarray]],
+    data: H36MData,
+    rows: list[int],
+    config: SilhouetteConfig,
+) -> dict[str, np.ndarray]:
     """Choose one person per frame and map its mask into the crop; arrays for ``rows``."""
     n = len(rows)
     masks = np.zeros((n, MASK_RES, MASK_RES), bool)
@@ -125,49 +111,77 @@ def frame_silhouettes(detections: list[dict[str, np.ndarray]], data: H36MData, r
         prob = crop_map(det["masks"][keep][best], data.center[row], data.scale[row])
         masks[i] = prob >= config.mask_threshold
         score[i], box[i], found[i] = scores[best], boxes[best], True
-    return {"masks_packed": pack_masks(masks), "score": score, "found": found, "iou": iou,
-            "box": box}
+    return {
+        "masks_packed": pack_masks(masks),
+        "score": score,
+        "found": found,
+        "iou": iou,
+        "box": box,
+    }
 
 
 @locks_output("out")  # one writer per output and its chunks, for the whole stage
-def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
-                    config: SilhouetteConfig | None = None, progress: Progress | None = None,
-                    detector: Detector | None = None, figure: str | Path | None = None,
-                    ranks: Ranks | None = None) -> SilhouetteResult:
-    """Segment every frame of ``h36m`` and write ``out`` (+ manifest, optional overlay figure).
+def run_silhouettes(
+    gt: str | Path,
+    images: str | Path,
+    out: str | Path,
+    config: SilhouetteConfig | None = None,
+    progress: Progress | None = None,
+    detector: Detector | None = None,
+    figure: str | Path | None = None,
+    figure_frames: int = 8,
+    ranks: Ranks | None = None,
+) -> StageResult:
+    """Segment every frame of ``gt`` (a SPIN-format Human3.6M npz) and write ``out`` (+
+    manifest, and at ``figure`` a PNG of the first ``figure_frames`` crops with their masks).
 
     ``detector`` overrides the backend (its name should then be given as ``config.backend``).
     Under a distributed job chunk i goes to rank i mod W and rank 0 merges (as in ``spin``);
     ``progress`` counts this rank's frames.
+
+    Returns a :class:`StageResult` with ``outputs = {"silhouettes": out}`` (plus ``"figure"``
+    when one was written), ``skipped`` when ``out`` was current, and ``summary``: ``frames``,
+    ``found`` (frames with a person), ``skipped_frames`` (names of images skipped as missing
+    or unreadable) and ``resumed_chunks``.
     """
     config = config or SilhouetteConfig()
-    refuse_overwriting_inputs({"--h36m": h36m, "--weights": config.weights},
-                              {"--out": out, "--save-figures": figure})
+    refuse_overwriting_inputs(
+        {"--gt": gt, "--weights": config.weights}, {"--out": out, "--save-figures": figure}
+    )
     ranks = ranks or Ranks()
     if config.batch_size <= 0:
         raise JregfixError(f"batch size must be positive, got {config.batch_size}")
     if detector is None and config.backend not in BACKENDS:
-        raise JregfixError(f"unknown segmentation backend {config.backend!r}; "
-                           f"available: {', '.join(BACKENDS)}")
+        raise JregfixError(
+            f"unknown segmentation backend {config.backend!r}; available: {', '.join(BACKENDS)}"
+        )
     device = ranks.device(config.device)
     out = Path(out)
-    data = load_h36m(h36m, require_3d=False)
+    data = load_h36m(gt, require_3d=False)
     present = check_images(images, data.imgname, config.skip_missing)
     weights = None
     if detector is None:
         from jregfix.models.maskrcnn import default_weights_path
 
         weights = Path(config.weights) if config.weights else default_weights_path()
-    cfg = {k: v for k, v in asdict(config).items()
-           if k in ("backend", "score_threshold", "min_iou", "mask_threshold", "skip_missing",
-                    "chunk_size")}
+    cfg = {
+        k: v
+        for k, v in asdict(config).items()
+        if k
+        in ("backend", "score_threshold", "min_iou", "mask_threshold", "skip_missing", "chunk_size")
+    }
     cfg["images"] = str(Path(images).resolve())
-    record = stage_record("silhouettes", {"h36m": h36m, "weights": weights}
-                          if weights is not None and weights.is_file() else {"h36m": h36m}, cfg)
+    # the GT keeps its manifest name "h36m": older outputs stay current
+    record = stage_record(
+        "silhouettes",
+        {"h36m": gt, "weights": weights}
+        if weights is not None and weights.is_file()
+        else {"h36m": gt},
+        cfg,
+    )
     if not config.force and ranks.all_true(is_current(out, record)):
         with np.load(out, allow_pickle=False) as z:
-            return SilhouetteResult(out, len(z["imgname"]), int(z["found"].sum()),
-                                    up_to_date=True)
+            return _result(out, len(z["imgname"]), int(z["found"].sum()), skipped=True)
     if detector is None:
         detector = torchvision_detector(weights, device, config.score_threshold)
 
@@ -180,34 +194,89 @@ def run_silhouettes(h36m: str | Path, images: str | Path, out: str | Path,
     # kernel would stop the stage
     with numerics(device, deterministic=False):
         resumed = compute_frame_chunks(
-            store, ranges, ranks, read, present, data.imgname, config.batch_size,
+            "silhouettes",
+            store,
+            ranges,
+            ranks,
+            read,
+            present,
+            data.imgname,
+            config.batch_size,
             config.workers or default_workers(),
             lambda rows, imgs: frame_silhouettes(detector(imgs), data, rows, config),
-            lambda: frame_silhouettes([], data, [], config), progress)
+            lambda: frame_silhouettes([], data, [], config),
+            progress,
+        )
         gpu_numerics = numerics_record(device)
 
-    merged, skipped = merged_frame_chunks(store, len(ranges), ranks, data.imgname,
-                                          f"{h36m} under {images}")
+    merged, skipped = merged_frame_chunks(
+        store, len(ranges), ranks, data.imgname, f"{gt} under {images}"
+    )
     resumed = int(ranks.all_reduce_sum(torch.tensor([resumed])))
     fig = None
     if merged is not None:
         save_packed_silhouettes(out, merged.pop("masks_packed"), (MASK_RES, MASK_RES), **merged)
-        write_manifest(manifest_path(out), record, outputs={"silhouettes": out},
-                       extra={"frames": len(merged["gt_row"]), "found": int(merged["found"].sum()),
-                              "skipped": len(skipped), "skipped_examples": skipped[:20],
-                              "processes": ranks.world_size, "run_config": asdict(config),
-                              "device": str(device), "numerics": gpu_numerics})
+        write_manifest(
+            manifest_path(out),
+            record,
+            outputs={"silhouettes": out},
+            extra={
+                "frames": len(merged["gt_row"]),
+                "found": int(merged["found"].sum()),
+                "skipped": len(skipped),
+                "skipped_examples": skipped[:20],
+                "processes": ranks.world_size,
+                "run_config": asdict(config),
+                "device": str(device),
+                "numerics": gpu_numerics,
+            },
+        )
         store.remove()
         if figure is not None:
-            fig = save_overlay_figure(figure, data, images, out)
+            fig = save_overlay_figure(figure, data, images, out, count=figure_frames)
     ranks.barrier()  # the output exists when any rank returns
     doc = read_manifest(manifest_path(out)) or {}
-    return SilhouetteResult(out, doc.get("frames", 0), doc.get("found", 0), skipped, resumed,
-                            figure=fig)
+    return _result(
+        out,
+        doc.get("frames", 0),
+        doc.get("found", 0),
+        skipped_frames=skipped,
+        resumed_chunks=resumed,
+        figure=fig,
+    )
 
 
-def save_overlay_figure(path: str | Path, data: H36MData, images: str | Path,
-                        silhouettes: str | Path, count: int = 8, cols: int = 4) -> Path:
+def _result(
+    out: Path,
+    frames: int,
+    found: int,
+    skipped: bool = False,
+    skipped_frames: Sequence[str] = (),
+    resumed_chunks: int = 0,
+    figure: Path | None = None,
+) -> StageResult:
+    outputs = {"silhouettes": out} | ({"figure": figure} if figure is not None else {})
+    return StageResult(
+        "silhouettes",
+        outputs,
+        skipped,
+        {
+            "frames": frames,
+            "found": found,
+            "skipped_frames": list(skipped_frames),
+            "resumed_chunks": resumed_chunks,
+        },
+    )
+
+
+def save_overlay_figure(
+    path: str | Path,
+    data: H36MData,
+    images: str | Path,
+    silhouettes: str | Path,
+    count: int = 8,
+    cols: int = 4,
+) -> Path:
     """PNG grid of the first ``count`` frames' crops with their masks tinted red."""
     from PIL import Image
 
@@ -224,9 +293,9 @@ def save_overlay_figure(path: str | Path, data: H36MData, images: str | Path,
         tiles.append(tile.astype(np.uint8))
     rows_n = -(-len(tiles) // cols)
     grid = np.zeros((rows_n * MASK_RES, cols * MASK_RES, 3), np.uint8)
-    for i, tile in enumerate(tiles):
+    for i, tile_rgb in enumerate(tiles):
         r, c = divmod(i, cols)
-        grid[r * MASK_RES:(r + 1) * MASK_RES, c * MASK_RES:(c + 1) * MASK_RES] = tile
+        grid[r * MASK_RES : (r + 1) * MASK_RES, c * MASK_RES : (c + 1) * MASK_RES] = tile_rgb
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
     write_bytes(path, buf.getvalue())
