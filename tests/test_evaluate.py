@@ -76,6 +76,21 @@ def independent_errors(world, regressor, rows, joints=14):
     return e.mean(), pa.mean()
 
 
+def evaluate_spin(root, smpl) -> list[str]:
+    """`evaluate` of the world's SPIN predictions against its GT (add --regressor ...)."""
+    return [
+        "evaluate",
+        "--method",
+        "spin",
+        "--predictions",
+        str(root / "spin.npz"),
+        "--gt",
+        str(root / "gt.npz"),
+        "--smpl",
+        str(smpl),
+    ]
+
+
 def test_spin_npz_against_independent_numbers(world, smpl_body):
     r = world["root"]
     doc = evaluate(
@@ -204,15 +219,7 @@ def test_cli_writes_json_and_table(world, smpl_pkl, tmp_path, capsys):
     out = tmp_path / "res.json"
     code = main(
         [
-            "evaluate",
-            "--method",
-            "spin",
-            "--predictions",
-            str(r / "spin.npz"),
-            "--gt",
-            str(r / "gt.npz"),
-            "--smpl",
-            str(smpl_pkl),
+            *evaluate_spin(r, smpl_pkl),
             "--regressor",
             f"true={r / 'J_true.npy'}",
             "--regressor",
@@ -408,15 +415,7 @@ def test_suspicious_regressor_is_used_as_given_but_flagged(
     assert (
         main(
             [
-                "evaluate",
-                "--method",
-                "spin",
-                "--predictions",
-                str(r / "spin.npz"),
-                "--gt",
-                str(r / "gt.npz"),
-                "--smpl",
-                str(smpl_pkl),
+                *evaluate_spin(r, smpl_pkl),
                 "--regressor",
                 f"raw={tmp_path / 'raw.npy'}",
             ]
@@ -552,15 +551,7 @@ def test_training_data_flags(world, smpl_body, smpl_pkl, tmp_path, capsys, monke
     assert (
         main(
             [
-                "evaluate",
-                "--method",
-                "spin",
-                "--predictions",
-                str(r / "spin.npz"),
-                "--gt",
-                str(r / "gt.npz"),
-                "--smpl",
-                str(smpl_pkl),
+                *evaluate_spin(r, smpl_pkl),
                 "--regressor",
                 f"ok={paths['held_out']}",
                 "--regressor",

@@ -21,7 +21,7 @@ from tests.device_tracker import DeviceTracker
 from tests.test_evaluate import world as eval_world  # noqa: F401 - evaluate's tiny world
 from tests.test_fit_regressor import _args as fit_args
 from tests.test_fit_regressor import files, frames, pool  # noqa: F401 - fit-regressor's files
-from tests.test_refine import SIZE, world  # noqa: F401 - refine's tiny world
+from tests.test_refine import SIZE, refine_inputs, world  # noqa: F401 - refine's tiny world
 from tests.test_silhouettes_stage import data, small_random_maskrcnn  # noqa: F401
 from tests.test_spin_stage import args as spin_args
 from tests.test_spin_stage import setup  # noqa: F401 - spin's images and checkpoint
@@ -185,17 +185,7 @@ def test_a_users_cublas_setting_is_kept(monkeypatch):
 
 def _refine_cli(world, out, *extra):  # noqa: F811
     return [
-        "refine",
-        "--init",
-        str(world / "init.npz"),
-        "--gt",
-        str(world / "gt.npz"),
-        "--silhouettes",
-        str(world / "sil.npz"),
-        "--smpl",
-        str(world.parent / "smpl.pkl"),
-        "--joint-regressor",
-        str(world / "J_spin.npy"),
+        *refine_inputs(world, world.parent / "smpl.pkl"),
         "--out",
         str(out),
         "--iters",

@@ -16,7 +16,7 @@ import pytest
 from jregfix.errors import JregfixError
 from jregfix.io.lock import lock_path, output_lock
 from jregfix.io.manifest import ChunkStore, stage_record
-from tests.test_refine import SIZE, world  # noqa: F401 - the refine test world fixture
+from tests.test_refine import SIZE, refine_inputs, world  # noqa: F401 - the refine test world fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,17 +131,7 @@ def test_chunk_of_another_fingerprint_is_never_adopted(tmp_path):
 
 def refine_args(world, smpl_pkl, out, iters):  # noqa: F811
     return [
-        "refine",
-        "--init",
-        str(world / "init.npz"),
-        "--gt",
-        str(world / "gt.npz"),
-        "--silhouettes",
-        str(world / "sil.npz"),
-        "--smpl",
-        str(smpl_pkl),
-        "--joint-regressor",
-        str(world / "J_spin.npy"),
+        *refine_inputs(world, smpl_pkl),
         "--out",
         str(out),
         "--iters",

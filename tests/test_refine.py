@@ -76,6 +76,23 @@ def world(smpl_body, tmp_path_factory):
     return root
 
 
+def refine_inputs(world, smpl, gt: str = "gt.npz") -> list[str]:
+    """`refine` and its input options on the test ``world`` (everything but --out)."""
+    return [
+        "refine",
+        "--init",
+        str(world / "init.npz"),
+        "--gt",
+        str(world / gt),
+        "--silhouettes",
+        str(world / "sil.npz"),
+        "--smpl",
+        str(smpl),
+        "--joint-regressor",
+        str(world / "J_spin.npy"),
+    ]
+
+
 def run(world, smpl_body, out, gt="gt.npz", init="init.npz", sil="sil.npz", **kw):
     cfg = RefineConfig(
         iters=kw.pop("iters", 25), batch_size=kw.pop("batch_size", 4), image_size=SIZE, **kw
@@ -324,17 +341,7 @@ def test_cli_refine_with_figures(world, smpl_pkl, tmp_path):
     out = tmp_path / "refined.npz"
     code = main(
         [
-            "refine",
-            "--init",
-            str(world / "init.npz"),
-            "--gt",
-            str(world / "gt.npz"),
-            "--silhouettes",
-            str(world / "sil.npz"),
-            "--smpl",
-            str(smpl_pkl),
-            "--joint-regressor",
-            str(world / "J_spin.npy"),
+            *refine_inputs(world, smpl_pkl),
             "--out",
             str(out),
             "--iters",
@@ -355,17 +362,7 @@ def test_cli_refine_with_figures(world, smpl_pkl, tmp_path):
     assert (
         main(
             [
-                "refine",
-                "--init",
-                str(world / "init.npz"),
-                "--gt",
-                str(world / "gt.npz"),
-                "--silhouettes",
-                str(world / "sil.npz"),
-                "--smpl",
-                str(smpl_pkl),
-                "--joint-regressor",
-                str(world / "J_spin.npy"),
+                *refine_inputs(world, smpl_pkl),
                 "--out",
                 str(out),
                 "--weights",
@@ -380,17 +377,7 @@ def test_shards_refined_separately_then_merged(world, smpl_pkl, tmp_path):
     from jregfix.cli.app import main
 
     common = [
-        "refine",
-        "--init",
-        str(world / "init.npz"),
-        "--gt",
-        str(world / "gt.npz"),
-        "--silhouettes",
-        str(world / "sil.npz"),
-        "--smpl",
-        str(smpl_pkl),
-        "--joint-regressor",
-        str(world / "J_spin.npy"),
+        *refine_inputs(world, smpl_pkl),
         "--iters",
         "2",
         "--batch-size",
@@ -534,17 +521,7 @@ def test_cli_preset_hedlin_code_end_to_end(world, smpl_pkl, tmp_path):
     assert (
         main(
             [
-                "refine",
-                "--init",
-                str(world / "init.npz"),
-                "--gt",
-                str(world / "gt_2d.npz"),
-                "--silhouettes",
-                str(world / "sil.npz"),
-                "--smpl",
-                str(smpl_pkl),
-                "--joint-regressor",
-                str(world / "J_spin.npy"),
+                *refine_inputs(world, smpl_pkl, gt="gt_2d.npz"),
                 "--out",
                 str(out),
                 "--preset",
